@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint setup clean
+
+setup: $(STAMP)
+
+# Reinstall whenever pyproject.toml changes; creating the venv is idempotent.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m common.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/lstm_speed.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check common apps tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""lstm-suite's shared library: the LSTM layer and the training utilities."""

@@ -1,0 +1,564 @@
+"""A drop-in `keras.layers.LSTM` with a fast CPU path and a guarded cuDNN path.
+
+The layer keeps Keras's weights, weight names, gate order (i, f, c, o), config
+and call semantics, and replaces only the loop over time steps. Each call picks
+one of three execution paths:
+
+1. ``"cudnn"``: TensorFlow's cuDNN RNN op, when a GPU is visible and the
+   configuration allows it (tanh/sigmoid, ``use_bias``, no ``unroll``, no
+   recurrent dropout while training). A mask that is not strictly right-padded,
+   or that fully masks a sequence, routes that call to the fused path instead of
+   raising as ``keras.layers.LSTM`` does.
+2. ``"fused"``: the input projection of every time step is one matrix product
+   before the loop; the loop, compiled with XLA, carries only the recurrent
+   product and the gates. Training uses a hand-written backward pass through
+   time whose weight gradients are again single matrix products.
+3. ``"reference"``: Keras's own step loop, for ``recurrent_dropout`` while
+   training and ``unroll=True``.
+
+The path used by the last trace is in ``layer.execution_path``, and each trace
+logs one line on the ``lstm_suite`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import tensorflow as tf
+from keras import activations, ops
+
+logger = logging.getLogger("lstm_suite")
+
+PATHS = ("cudnn", "fused", "reference")
+
+
+def gpu_available() -> bool:
+    """True when TensorFlow sees a GPU (tests patch this to simulate one)."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _is_standard_activations(activation, recurrent_activation) -> bool:
+    return activation in (activations.tanh, tf.tanh, ops.tanh) and recurrent_activation in (
+        activations.sigmoid,
+        tf.sigmoid,
+        ops.sigmoid,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Fused kernels. All work on time-major tensors:
+#   xw   (T, B, 4U)  input projection x_t @ kernel + bias for every step
+#   r    (U, 4U)     recurrent kernel
+#   mask (T, B, 1)   bool, or None
+# Output convention follows keras.backend.rnn: a masked step keeps the previous
+# state and emits the previous output (or zeros when zero_output_for_mask).
+# ---------------------------------------------------------------------------
+
+
+def _gate_values(z, activation, recurrent_activation):
+    z_i, z_f, z_g, z_o = tf.split(z, 4, axis=-1)
+    return (
+        recurrent_activation(z_i),
+        recurrent_activation(z_f),
+        activation(z_g),
+        recurrent_activation(z_o),
+    )
+
+
+def _recurrence(
+    xw, r, h0, c0, mask, *, zero_output, return_sequences, save_gates, activation,
+    recurrent_activation,
+):
+    """The forward loop. Returns (outputs, h, c, gates, cells, hiddens).
+
+    ``outputs`` is (T, B, U) when ``return_sequences`` else (B, U). With
+    ``save_gates``, ``gates`` ((T, B, 4U): i, f, g, o after activation),
+    ``cells`` and ``hiddens`` ((T, B, U), the carried states) are filled: they
+    are what the backward pass and the gate inspection need. Without a mask the
+    hidden states are the outputs, and ``hiddens`` is None.
+    """
+    steps = tf.shape(xw)[0]
+    dtype = xw.dtype
+    out_ta = tf.TensorArray(dtype, size=steps if return_sequences else 1)
+    gate_ta = tf.TensorArray(dtype, size=steps if save_gates else 1)
+    cell_ta = tf.TensorArray(dtype, size=steps if save_gates else 1)
+    save_hidden = save_gates and mask is not None
+    hid_ta = tf.TensorArray(dtype, size=steps if save_hidden else 1)
+    xw_ta = tf.TensorArray(dtype, size=steps).unstack(xw)
+    mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
+
+    def body(t, x_t, h, c, y, out_ta, gate_ta, cell_ta, hid_ta):
+        # The next step's projection rides in the loop state: reading it here,
+        # outside the gate arithmetic, keeps XLA's gate fusion vectorised.
+        x_next = xw_ta.read(tf.minimum(t + 1, steps - 1))
+        z = x_t + tf.matmul(h, r)
+        i, f, g, o = _gate_values(z, activation, recurrent_activation)
+        c_new = f * c + i * g
+        h_new = o * activation(c_new)
+        if mask_ta is not None:
+            m = mask_ta.read(t)
+            c_new = tf.where(m, c_new, c)
+            y_prev = tf.zeros_like(y) if zero_output else y
+            y_new = tf.where(m, h_new, y_prev)
+            h_new = tf.where(m, h_new, h)
+        else:
+            y_new = h_new
+        out_ta = out_ta.write(t if return_sequences else 0, y_new)
+        if save_gates:
+            gate_ta = gate_ta.write(t, tf.concat([i, f, g, o], axis=-1))
+            cell_ta = cell_ta.write(t, c_new)
+        if save_hidden:
+            hid_ta = hid_ta.write(t, h_new)
+        return t + 1, x_next, h_new, c_new, y_new, out_ta, gate_ta, cell_ta, hid_ta
+
+    loop_vars = (tf.constant(0), xw_ta.read(0), h0, c0, tf.zeros_like(h0), out_ta, gate_ta,
+                 cell_ta, hid_ta)
+    _, _, h, c, y, out_ta, gate_ta, cell_ta, hid_ta = tf.while_loop(
+        lambda t, *_: t < steps, body, loop_vars, maximum_iterations=steps
+    )
+    outputs = out_ta.stack() if return_sequences else y
+    gates = gate_ta.stack() if save_gates else None
+    cells = cell_ta.stack() if save_gates else None
+    hiddens = hid_ta.stack() if save_hidden else None
+    return outputs, h, c, gates, cells, hiddens
+
+
+def _backward(d_out, d_h, d_c, gates, cells, hs, h0, c0, r, mask, *, zero_output,
+              return_sequences):
+    """Backpropagation through time for tanh/sigmoid gates.
+
+    Returns (d_xw (T, B, 4U), d_r (U, 4U), d_h0, d_c0). The loop only carries
+    the recurrent product d_z @ r^T; d_r is one matrix product afterwards.
+    """
+    steps = tf.shape(gates)[0]
+    dtype = gates.dtype
+    gate_ta = tf.TensorArray(dtype, size=steps).unstack(gates)
+    cell_ta = tf.TensorArray(dtype, size=steps).unstack(cells)
+    c_prev_seq = tf.concat([c0[None], cells[:-1]], axis=0)
+    c_prev_ta = tf.TensorArray(dtype, size=steps).unstack(c_prev_seq)
+    dout_ta = tf.TensorArray(dtype, size=steps).unstack(d_out) if return_sequences else None
+    mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
+    dz_ta = tf.TensorArray(dtype, size=steps)
+    r_t = tf.transpose(r)
+
+    def body(t, dh, dc, dy_carry, dz_ta):
+        if return_sequences:
+            dy = dout_ta.read(t)
+        else:
+            dy = tf.where(t == steps - 1, d_out, tf.zeros_like(d_out))
+        dy = dy + dy_carry
+        i, f, g, o = tf.split(gate_ta.read(t), 4, axis=-1)
+        c_t = cell_ta.read(t)
+        c_prev = c_prev_ta.read(t)
+        if mask_ta is not None:
+            m = mask_ta.read(t)
+            zeros = tf.zeros_like(dh)
+            dh_new = tf.where(m, dh + dy, zeros)
+            dc_new = tf.where(m, dc, zeros)
+            dh_skip = tf.where(m, zeros, dh)
+            dc_skip = tf.where(m, zeros, dc)
+            dy_carry = zeros if zero_output else tf.where(m, zeros, dy)
+        else:
+            dh_new = dh + dy
+            dc_new = dc
+            dh_skip = dc_skip = None
+        tanh_c = tf.tanh(c_t)
+        dc_new = dc_new + dh_new * o * (1.0 - tanh_c * tanh_c)
+        dz = tf.concat(
+            [
+                dc_new * g * i * (1.0 - i),
+                dc_new * c_prev * f * (1.0 - f),
+                dc_new * i * (1.0 - g * g),
+                dh_new * tanh_c * o * (1.0 - o),
+            ],
+            axis=-1,
+        )
+        dz_ta = dz_ta.write(t, dz)
+        dh_prev = tf.matmul(dz, r_t)
+        dc_prev = dc_new * f
+        if dh_skip is not None:
+            dh_prev = dh_prev + dh_skip
+            dc_prev = dc_prev + dc_skip
+        return t - 1, dh_prev, dc_prev, dy_carry, dz_ta
+
+    zeros = tf.zeros_like(h0)
+    _, dh0, dc0, _, dz_ta = tf.while_loop(
+        lambda t, *_: t >= 0,
+        body,
+        (steps - 1, d_h, d_c, zeros, dz_ta),
+        maximum_iterations=steps,
+    )
+    dz = dz_ta.stack()
+    h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+    units = tf.shape(h0)[-1]
+    d_r = tf.matmul(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]),
+                    transpose_a=True)
+    return dz, d_r, dh0, dc0
+
+
+_compiled_recurrence = tf.function(_recurrence, jit_compile=True, autograph=False)
+_compiled_backward = tf.function(_backward, jit_compile=True, autograph=False)
+
+
+def _fused_train(xw, r, h0, c0, mask, zero_output, return_sequences):
+    """Forward with gates saved, and a custom gradient running `_backward`."""
+
+    @tf.custom_gradient
+    def run(xw, r, h0, c0):
+        # The tape must not trace into the XLA functions (it would ask them for
+        # their intermediates); `grad` below is the whole gradient.
+        xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
+        # hs (carried hidden states) are needed for d_r; with return_sequences
+        # and no mask they equal the outputs, otherwise ask for them.
+        outputs, h, c, gates, cells, hiddens = _compiled_recurrence(
+            xw, r, h0, c0, mask, zero_output=zero_output, return_sequences=True,
+            save_gates=True, activation=tf.tanh, recurrent_activation=tf.sigmoid,
+        )
+        hs = outputs if hiddens is None else hiddens
+        result = outputs if return_sequences else _last_output(outputs)
+
+        def grad(d_result, d_h, d_c):
+            d_result = tf.zeros_like(result) if d_result is None else d_result
+            d_h = tf.zeros_like(h) if d_h is None else d_h
+            d_c = tf.zeros_like(c) if d_c is None else d_c
+            d_xw, d_r, d_h0, d_c0 = _compiled_backward(
+                d_result, d_h, d_c, gates, cells, hs, h0, c0, r, mask,
+                zero_output=zero_output, return_sequences=return_sequences,
+            )
+            return d_xw, d_r, d_h0, d_c0
+
+        return (result, h, c), grad
+
+    return run(xw, r, h0, c0)
+
+
+def _last_output(outputs):
+    return outputs[-1]
+
+
+# ---------------------------------------------------------------------------
+# cuDNN
+# ---------------------------------------------------------------------------
+
+
+def cudnn_mask_ok(mask) -> tf.Tensor:
+    """True when every row is strictly right-padded and has a real step."""
+    mask = tf.cast(mask, tf.bool)
+    lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+    right_padded = tf.sequence_mask(lengths, maxlen=tf.shape(mask)[1])
+    return tf.logical_and(
+        tf.reduce_all(tf.equal(mask, right_padded)), tf.reduce_all(lengths > 0)
+    )
+
+
+def _cudnn_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, mask, go_backwards,
+                return_sequences):
+    """Batch-major LSTM through `CudnnRNNV3`. Returns (last, outputs, [h, c])."""
+    batch = tf.shape(inputs)[0]
+    if mask is None:
+        lengths = tf.fill([batch], tf.shape(inputs)[1])
+    else:
+        lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+    weights = tf.split(kernel, 4, axis=1) + tf.split(recurrent_kernel, 4, axis=1)
+    # cuDNN adds a second (recurrent) bias; zero it so the maths is Keras's.
+    biases = tf.split(tf.concat([tf.zeros_like(bias), bias], 0), 8)
+    if tf.sysconfig.get_build_info().get("is_rocm_build", False):
+        order = (0, 1, 3, 2, 4, 5, 7, 6)  # MIOpen stores gates i, f, o, c
+        weights = [weights[k] for k in order]
+        biases = [biases[k] for k in order]
+    params = tf.concat([tf.reshape(tf.transpose(w), [-1]) for w in weights]
+                       + [tf.reshape(b, [-1]) for b in biases], axis=0)
+    if go_backwards:
+        inputs = tf.reverse_sequence(inputs, lengths, seq_axis=1, batch_axis=0)
+    outputs, h, c, _, _ = tf.raw_ops.CudnnRNNV3(
+        input=inputs, input_h=h0[:, None], input_c=c0[:, None], params=params,
+        is_training=True, rnn_mode="lstm", sequence_lengths=lengths, time_major=False,
+    )
+    if go_backwards:
+        outputs = tf.reverse(
+            tf.reverse_sequence(outputs, lengths, seq_axis=1, batch_axis=0), axis=[1])
+    h = h[:, 0]
+    c = c[:, 0]
+    # Keras carries the last real output through padded steps; cuDNN writes
+    # zeros there, so the final h is the last output.
+    return h, (outputs if return_sequences else h[:, None]), [h, c]
+
+
+# ---------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="lstm_suite", name="LSTM")
+class LSTM(keras.layers.LSTM):
+    """Long Short-Term Memory layer: `keras.layers.LSTM`, faster.
+
+    A drop-in replacement for `keras.layers.LSTM` (TensorFlow backend) with the
+    same arguments, weights (``kernel`` ``(input_dim, 4 * units)``,
+    ``recurrent_kernel`` ``(units, 4 * units)``, ``bias`` ``(4 * units,)``,
+    gates in the order i, f, c, o) and outputs. Weights move between the two
+    with ``get_weights()`` / ``set_weights()``.
+
+    On CPU the loop runs fused and XLA-compiled with a hand-written backward
+    pass; on a GPU it uses cuDNN and, unlike Keras, falls back instead of failing
+    when a mask is not right-padded. ``execution_path`` reports the path taken.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        activation: Activation for the cell candidate and output. Default tanh.
+        recurrent_activation: Activation for the gates. Default sigmoid.
+        use_bias: Whether the layer uses a bias vector. Default True.
+        kernel_initializer, recurrent_initializer, bias_initializer: as Keras.
+        unit_forget_bias: Add 1 to the forget-gate bias at initialisation.
+        kernel_regularizer, recurrent_regularizer, bias_regularizer,
+        activity_regularizer: as Keras.
+        kernel_constraint, recurrent_constraint, bias_constraint: as Keras.
+        dropout: Fraction of input units dropped while training (one mask per
+            sequence, as Keras).
+        recurrent_dropout: Fraction of recurrent units dropped while training;
+            selects the reference path while training.
+        seed: Random seed for dropout.
+        return_sequences: Return the whole output sequence, not only the last.
+        return_state: Also return the final ``h`` and ``c``.
+        go_backwards: Process the sequence backwards and return it reversed.
+        stateful: Carry the final state of batch ``k`` into batch ``k + 1``.
+        unroll: Unroll the loop (reference path).
+        use_cudnn: ``"auto"`` uses cuDNN when a GPU and the configuration allow
+            it; ``True`` requires it (error otherwise); ``False`` never uses it.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from common.lstm import LSTM
+    >>> layer = LSTM(4, return_sequences=True, return_state=True)
+    >>> seq, h, c = layer(np.random.random((2, 10, 8)).astype("float32"))
+    >>> seq.shape, h.shape, c.shape
+    (TensorShape([2, 10, 4]), TensorShape([2, 4]), TensorShape([2, 4]))
+    >>> layer.execution_path
+    'fused'
+    """
+
+    def __init__(self, units, *args, use_cudnn="auto", **kwargs):
+        super().__init__(units, *args, use_cudnn=use_cudnn, **kwargs)
+        self.execution_path: str | None = None
+        # Our cuDNN call lives beside an XLA-compiled fallback; nothing here
+        # prevents an outer jit_compile on CPU.
+        self.supports_jit = not (self.use_cudnn in ("auto", True) and gpu_available())
+
+    # -- validation ---------------------------------------------------------
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        if len(sequences_shape) != 3:
+            raise ValueError(
+                f"LSTM layer '{self.name}' expects input of rank 3 (batch, timesteps, "
+                f"features); got shape {tuple(sequences_shape)}."
+            )
+        if sequences_shape[-1] is None:
+            raise ValueError(
+                f"LSTM layer '{self.name}' needs a known feature dimension (the last axis); "
+                f"got shape {tuple(sequences_shape)}. Give Input(shape=(timesteps, features))."
+            )
+        super().build(sequences_shape, initial_state_shape)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        dtype = getattr(sequences, "dtype", None)
+        if dtype is not None and not tf.as_dtype(dtype).is_floating:
+            raise TypeError(
+                f"LSTM layer '{self.name}' expects floating-point input; got dtype "
+                f"{tf.as_dtype(dtype).name}. Embed integer tokens first (keras.layers."
+                "Embedding) or cast the features to float32."
+            )
+        return super().call(sequences, initial_state=initial_state, mask=mask,
+                            training=training)
+
+    # -- path selection -----------------------------------------------------
+
+    def _cudnn_config_ok(self, training) -> bool:
+        return (
+            _is_standard_activations(self.activation, self.recurrent_activation)
+            and self.use_bias
+            and not self.unroll
+            and not (training and self.recurrent_dropout)
+        )
+
+    def planned_path(self, training: bool = False) -> str:
+        """The path a call would take, before any per-call mask check."""
+        if self.unroll or (training and self.recurrent_dropout):
+            if self.use_cudnn is True:
+                raise ValueError(self._cudnn_refused("unroll=True or recurrent_dropout"))
+            return "reference"
+        if self.use_cudnn in ("auto", True) and self._cudnn_config_ok(training):
+            if gpu_available():
+                return "cudnn"
+        if self.use_cudnn is True:
+            reason = "no GPU is visible" if self._cudnn_config_ok(training) else (
+                "the configuration needs tanh/sigmoid activations and use_bias=True")
+            raise ValueError(self._cudnn_refused(reason))
+        return "fused"
+
+    def _cudnn_refused(self, reason: str) -> str:
+        return (f"LSTM layer '{self.name}' has use_cudnn=True but cuDNN cannot be used: "
+                f"{reason}. Pass use_cudnn='auto' to fall back to the fused implementation.")
+
+    def _record_path(self, path: str) -> None:
+        self.execution_path = path
+        logger.info("LSTM layer '%s' traced with the %s path", self.name, path)
+
+    # -- the loop -----------------------------------------------------------
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        path = self.planned_path(training)
+        if path == "reference":
+            self._record_path("reference")
+            return keras.layers.RNN.inner_loop(
+                self, sequences, initial_state, mask=mask, training=training)
+        sequences = self._apply_input_dropout(sequences, training)
+        if path == "cudnn":
+            return self._cudnn_or_fallback(sequences, initial_state, mask, training)
+        self._record_path("fused")
+        return self._fused(sequences, initial_state, mask, training)
+
+    def _apply_input_dropout(self, sequences, training):
+        if training and 0.0 < self.dropout < 1.0:
+            # One mask per sequence, shared by all steps, as Keras's cell does.
+            dp_mask = self.cell.get_dropout_mask(sequences[:, 0, :])
+            return sequences * ops.expand_dims(dp_mask, axis=1)
+        return sequences
+
+    def _weights(self, dtype):
+        kernel = tf.cast(tf.convert_to_tensor(self.cell.kernel), dtype)
+        recurrent = tf.cast(tf.convert_to_tensor(self.cell.recurrent_kernel), dtype)
+        bias = None if self.cell.bias is None else tf.cast(
+            tf.convert_to_tensor(self.cell.bias), dtype)
+        return kernel, recurrent, bias
+
+    def _cudnn_or_fallback(self, sequences, initial_state, mask, training):
+        kernel, recurrent, bias = self._weights(sequences.dtype)
+
+        def cudnn():
+            return _cudnn_lstm(sequences, initial_state[0], initial_state[1], kernel,
+                               recurrent, bias, mask, self.go_backwards,
+                               self.return_sequences)
+
+        def fused():
+            return self._fused(sequences, initial_state, mask, training)
+
+        if mask is None:
+            self._record_path("cudnn")
+            return cudnn()
+        ok = cudnn_mask_ok(mask)
+        if tf.executing_eagerly():
+            if bool(ok):
+                self._record_path("cudnn")
+                return cudnn()
+            self._record_path("fused")
+            return fused()
+        # In a graph the mask is only known at run time: both branches are built.
+        self._record_path("cudnn")
+        last, outputs, states = tf.cond(
+            ok, lambda: _flatten_result(cudnn()), lambda: _flatten_result(fused()))
+        return last, outputs, list(states)
+
+    def _fused(self, sequences, initial_state, mask, training):
+        compute_dtype = sequences.dtype
+        # Half precision gains nothing on CPU and loses accuracy over long
+        # sequences: run the recurrence in float32 and cast the results back.
+        dtype = tf.float32 if compute_dtype in (tf.float16, tf.bfloat16) else compute_dtype
+        x = tf.cast(sequences, dtype)
+        h0 = tf.cast(initial_state[0], dtype)
+        c0 = tf.cast(initial_state[1], dtype)
+        kernel, recurrent, bias = self._weights(dtype)
+        mask_tm = None
+        if mask is not None:
+            mask_tm = tf.transpose(tf.cast(mask, tf.bool))[..., None]
+        x_tm = tf.transpose(x, (1, 0, 2))
+        if self.go_backwards:
+            x_tm = tf.reverse(x_tm, [0])
+            if mask_tm is not None:
+                mask_tm = tf.reverse(mask_tm, [0])
+        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
+        if bias is not None:
+            xw = xw + bias
+        zero_output = bool(self.zero_output_for_mask) and mask_tm is not None
+        standard = _is_standard_activations(self.activation, self.recurrent_activation)
+        if standard and training:
+            outputs, h, c = _fused_train(xw, recurrent, h0, c0, mask_tm, zero_output,
+                                         self.return_sequences)
+        else:
+            outputs, h, c, _, _, _ = _compiled_recurrence(
+                xw, recurrent, h0, c0, mask_tm, zero_output=zero_output,
+                return_sequences=self.return_sequences, save_gates=False,
+                activation=self.activation, recurrent_activation=self.recurrent_activation,
+            )
+        if self.return_sequences:
+            last = outputs[-1]
+            outputs = tf.transpose(outputs, (1, 0, 2))
+        else:
+            last = outputs
+            outputs = outputs[:, None]
+        last, outputs, h, c = (tf.cast(t, compute_dtype) for t in (last, outputs, h, c))
+        return last, outputs, [h, c]
+
+    # -- introspection ------------------------------------------------------
+
+    def gate_activations(self, inputs, mask=None, initial_state=None) -> dict[str, tf.Tensor]:
+        """Per-step gate activations and states for one batch, in inference mode.
+
+        Args:
+            inputs: ``(batch, timesteps, features)`` float tensor, as passed to
+                the layer.
+            mask: optional ``(batch, timesteps)`` boolean mask.
+            initial_state: optional ``[h0, c0]``; zeros (or the stored state of a
+                stateful layer, which is left unchanged) otherwise.
+
+        Returns:
+            A dict of ``(batch, timesteps, units)`` float32 tensors aligned with
+            the input time axis: ``input_gate``, ``forget_gate``, ``cell_input``
+            (the candidate g), ``output_gate``, ``cell_state`` and ``hidden_state``.
+            Masked steps repeat the carried state. Runs outside the training graph,
+            so the normal path pays nothing for it.
+        """
+        if not self.built:
+            self.build(tuple(inputs.shape))
+        x = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
+        if initial_state is None:
+            initial_state = (
+                [tf.convert_to_tensor(s) for s in self.states] if self.stateful
+                else self.get_initial_state(tf.shape(x)[0]))
+        h0, c0 = (tf.cast(s, tf.float32) for s in initial_state)
+        kernel, recurrent, bias = self._weights(tf.float32)
+        x_tm = tf.transpose(x, (1, 0, 2))
+        mask_tm = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))[..., None]
+        if self.go_backwards:
+            x_tm = tf.reverse(x_tm, [0])
+            mask_tm = None if mask_tm is None else tf.reverse(mask_tm, [0])
+        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
+        if bias is not None:
+            xw = xw + bias
+        outputs, _, _, gates, cells, hiddens = _compiled_recurrence(
+            xw, recurrent, h0, c0, mask_tm, zero_output=False, return_sequences=True,
+            save_gates=True, activation=self.activation,
+            recurrent_activation=self.recurrent_activation,
+        )
+        hidden = outputs if hiddens is None else hiddens
+        i, f, g, o = tf.split(gates, 4, axis=-1)
+        result = {"input_gate": i, "forget_gate": f, "cell_input": g, "output_gate": o,
+                  "cell_state": cells, "hidden_state": hidden}
+        if self.go_backwards:
+            result = {k: tf.reverse(v, [0]) for k, v in result.items()}
+        return {k: tf.transpose(v, (1, 0, 2)) for k, v in result.items()}
+
+    # -- config -------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config["use_cudnn"] = self.use_cudnn
+        return config
+
+
+def _flatten_result(result):
+    last, outputs, states = result
+    return last, outputs, tuple(states)
