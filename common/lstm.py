@@ -67,28 +67,26 @@ def _gate_values(z, activation, recurrent_activation):
 
 
 def _recurrence(
-    xw, r, h0, c0, mask, *, zero_output, return_sequences, save_gates, activation,
+    xw, r, h0, c0, mask, *, zero_output, return_sequences, save, activation,
     recurrent_activation,
 ):
-    """The forward loop. Returns (outputs, h, c, gates, cells, hiddens).
+    """The forward loop. Returns (outputs, h, c, saved).
 
     ``outputs`` is (T, B, U) when ``return_sequences`` else (B, U). With
-    ``save_gates``, ``gates`` ((T, B, 4U): i, f, g, o after activation),
-    ``cells`` and ``hiddens`` ((T, B, U), the carried states) are filled: they
-    are what the backward pass and the gate inspection need. Without a mask the
-    hidden states are the outputs, and ``hiddens`` is None.
+    ``save`` every step writes ONE packed row, ``saved`` (T, B, 6U or 7U):
+    the gates i, f, g, o after activation, the carried cell and hidden states,
+    and with a mask the emitted output. One write per step instead of several
+    matters: each write is a fixed cost in XLA's loop on CPU.
     """
     steps = tf.shape(xw)[0]
     dtype = xw.dtype
-    out_ta = tf.TensorArray(dtype, size=steps if return_sequences else 1)
-    gate_ta = tf.TensorArray(dtype, size=steps if save_gates else 1)
-    cell_ta = tf.TensorArray(dtype, size=steps if save_gates else 1)
-    save_hidden = save_gates and mask is not None
-    hid_ta = tf.TensorArray(dtype, size=steps if save_hidden else 1)
+    keep_outputs = return_sequences and not save
+    out_ta = tf.TensorArray(dtype, size=steps if keep_outputs else 1)
+    saved_ta = tf.TensorArray(dtype, size=steps if save else 1)
     xw_ta = tf.TensorArray(dtype, size=steps).unstack(xw)
     mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
 
-    def body(t, x_t, h, c, y, out_ta, gate_ta, cell_ta, hid_ta):
+    def body(t, x_t, h, c, y, out_ta, saved_ta):
         # The next step's projection rides in the loop state: reading it here,
         # outside the gate arithmetic, keeps XLA's gate fusion vectorised.
         x_next = xw_ta.read(tf.minimum(t + 1, steps - 1))
@@ -99,99 +97,110 @@ def _recurrence(
         if mask_ta is not None:
             m = mask_ta.read(t)
             c_new = tf.where(m, c_new, c)
-            y_prev = tf.zeros_like(y) if zero_output else y
-            y_new = tf.where(m, h_new, y_prev)
+            y_new = tf.where(m, h_new, tf.zeros_like(y) if zero_output else y)
             h_new = tf.where(m, h_new, h)
         else:
             y_new = h_new
-        out_ta = out_ta.write(t if return_sequences else 0, y_new)
-        if save_gates:
-            gate_ta = gate_ta.write(t, tf.concat([i, f, g, o], axis=-1))
-            cell_ta = cell_ta.write(t, c_new)
-        if save_hidden:
-            hid_ta = hid_ta.write(t, h_new)
-        return t + 1, x_next, h_new, c_new, y_new, out_ta, gate_ta, cell_ta, hid_ta
+        if keep_outputs:
+            out_ta = out_ta.write(t, y_new)
+        if save:
+            row = [i, f, g, o, c_new, h_new] + ([y_new] if mask_ta is not None else [])
+            saved_ta = saved_ta.write(t, tf.concat(row, axis=-1))
+        return t + 1, x_next, h_new, c_new, y_new, out_ta, saved_ta
 
-    loop_vars = (tf.constant(0), xw_ta.read(0), h0, c0, tf.zeros_like(h0), out_ta, gate_ta,
-                 cell_ta, hid_ta)
-    _, _, h, c, y, out_ta, gate_ta, cell_ta, hid_ta = tf.while_loop(
+    loop_vars = (tf.constant(0), xw_ta.read(0), h0, c0, tf.zeros_like(h0), out_ta, saved_ta)
+    _, _, h, c, y, out_ta, saved_ta = tf.while_loop(
         lambda t, *_: t < steps, body, loop_vars, maximum_iterations=steps
     )
-    outputs = out_ta.stack() if return_sequences else y
-    gates = gate_ta.stack() if save_gates else None
-    cells = cell_ta.stack() if save_gates else None
-    hiddens = hid_ta.stack() if save_hidden else None
-    return outputs, h, c, gates, cells, hiddens
+    saved = saved_ta.stack() if save else None
+    if not return_sequences:
+        outputs = y
+    elif save:
+        outputs = _unpack(saved, "y" if mask is not None else "h", mask is not None)
+    else:
+        outputs = out_ta.stack()
+    return outputs, h, c, saved
 
 
-def _backward(d_out, d_h, d_c, gates, cells, hs, h0, c0, r, mask, *, zero_output,
-              return_sequences):
+_PACKED = "ifgochy"  # field order of a saved row; "y" only when a mask is present
+
+
+def _unpack(saved, name: str, has_mask: bool):
+    """One field, (T, B, U), of the packed per-step rows written by `_recurrence`."""
+    width = saved.shape[-1] // (7 if has_mask else 6)
+    k = _PACKED.index(name)
+    return saved[..., k * width:(k + 1) * width]
+
+
+def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_sequences):
     """Backpropagation through time for tanh/sigmoid gates.
 
-    Returns (d_xw (T, B, 4U), d_r (U, 4U), d_h0, d_c0). The loop only carries
-    the recurrent product d_z @ r^T; d_r is one matrix product afterwards.
+    Returns (d_xw (T, B, 4U), d_r (U, 4U), d_h0, d_c0). Everything that does not
+    depend on the recurrence (the gate derivatives) is computed for all steps
+    at once before the loop, packed one row per step; the loop keeps only the
+    elementwise chain and d_z @ r^T. d_r is one matrix product afterwards.
     """
-    steps = tf.shape(gates)[0]
-    dtype = gates.dtype
-    gate_ta = tf.TensorArray(dtype, size=steps).unstack(gates)
-    cell_ta = tf.TensorArray(dtype, size=steps).unstack(cells)
-    c_prev_seq = tf.concat([c0[None], cells[:-1]], axis=0)
-    c_prev_ta = tf.TensorArray(dtype, size=steps).unstack(c_prev_seq)
-    dout_ta = tf.TensorArray(dtype, size=steps).unstack(d_out) if return_sequences else None
-    mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
-    dz_ta = tf.TensorArray(dtype, size=steps)
+    steps = tf.shape(saved)[0]
+    units = h0.shape[-1]
+    has_mask = mask is not None
+    i, f, g, o, c, h = (_unpack(saved, k, has_mask) for k in "ifgoch")
+    c_prev = tf.concat([c0[None], c[:-1]], axis=0)
+    tanh_c = tf.tanh(c)
+    # d_z_i = dc * a_i, d_z_f = dc * a_f, d_z_g = dc * a_g, d_z_o = dh * a_o,
+    # dc += dh * a_c, dc_prev = dc * f.
+    fields = [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
+              tanh_c * o * (1.0 - o), o * (1.0 - tanh_c * tanh_c), f]
+    if return_sequences:
+        fields.append(d_out)
+    if has_mask:
+        fields.append(tf.cast(mask, saved.dtype))
+    packed = tf.concat(fields, axis=-1)
+    packed_ta = tf.TensorArray(saved.dtype, size=steps).unstack(packed)
+    dz_ta = tf.TensorArray(saved.dtype, size=steps)
     r_t = tf.transpose(r)
+    n_fields = 6
 
-    def body(t, dh, dc, dy_carry, dz_ta):
+    def body(t, row, dh, dc, dy_carry, dz_ta):
+        row_next = packed_ta.read(tf.maximum(t - 1, 0))
+        a_i, a_f, a_g, a_o, a_c, f_t = (row[:, k * units:(k + 1) * units] for k in range(6))
+        dy = dy_carry
         if return_sequences:
-            dy = dout_ta.read(t)
+            dy = dy + row[:, n_fields * units:(n_fields + 1) * units]
+        if has_mask:
+            m = row[:, -1:]
+            keep = 1.0 - m
+            dh_step = m * (dh + dy)
+            dc_step = m * dc
+            dy_carry = tf.zeros_like(dy) if zero_output else keep * dy
         else:
-            dy = tf.where(t == steps - 1, d_out, tf.zeros_like(d_out))
-        dy = dy + dy_carry
-        i, f, g, o = tf.split(gate_ta.read(t), 4, axis=-1)
-        c_t = cell_ta.read(t)
-        c_prev = c_prev_ta.read(t)
-        if mask_ta is not None:
-            m = mask_ta.read(t)
-            zeros = tf.zeros_like(dh)
-            dh_new = tf.where(m, dh + dy, zeros)
-            dc_new = tf.where(m, dc, zeros)
-            dh_skip = tf.where(m, zeros, dh)
-            dc_skip = tf.where(m, zeros, dc)
-            dy_carry = zeros if zero_output else tf.where(m, zeros, dy)
-        else:
-            dh_new = dh + dy
-            dc_new = dc
-            dh_skip = dc_skip = None
-        tanh_c = tf.tanh(c_t)
-        dc_new = dc_new + dh_new * o * (1.0 - tanh_c * tanh_c)
-        dz = tf.concat(
-            [
-                dc_new * g * i * (1.0 - i),
-                dc_new * c_prev * f * (1.0 - f),
-                dc_new * i * (1.0 - g * g),
-                dh_new * tanh_c * o * (1.0 - o),
-            ],
-            axis=-1,
-        )
+            dh_step = dh + dy
+            dc_step = dc
+        dc_step = dc_step + dh_step * a_c
+        dz = tf.concat([dc_step * a_i, dc_step * a_f, dc_step * a_g, dh_step * a_o], axis=-1)
         dz_ta = dz_ta.write(t, dz)
         dh_prev = tf.matmul(dz, r_t)
-        dc_prev = dc_new * f
-        if dh_skip is not None:
-            dh_prev = dh_prev + dh_skip
-            dc_prev = dc_prev + dc_skip
-        return t - 1, dh_prev, dc_prev, dy_carry, dz_ta
+        dc_prev = dc_step * f_t
+        if has_mask:
+            dh_prev = dh_prev + keep * dh
+            dc_prev = dc_prev + keep * dc
+        return t - 1, row_next, dh_prev, dc_prev, dy_carry, dz_ta
 
-    zeros = tf.zeros_like(h0)
-    _, dh0, dc0, _, dz_ta = tf.while_loop(
+    # Without return_sequences only the last output has a gradient: it enters
+    # as the carry of the output chain at the last step.
+    if return_sequences:
+        dy0 = tf.zeros_like(h0)
+    else:
+        dy0 = d_out
+    if not has_mask:
+        d_h, dy0 = d_h + dy0, tf.zeros_like(h0)
+    _, _, dh0, dc0, _, dz_ta = tf.while_loop(
         lambda t, *_: t >= 0,
         body,
-        (steps - 1, d_h, d_c, zeros, dz_ta),
+        (steps - 1, packed_ta.read(steps - 1), d_h, d_c, dy0, dz_ta),
         maximum_iterations=steps,
     )
     dz = dz_ta.stack()
-    h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
-    units = tf.shape(h0)[-1]
+    h_prev = tf.concat([h0[None], h[:-1]], axis=0)
     d_r = tf.matmul(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]),
                     transpose_a=True)
     return dz, d_r, dh0, dc0
@@ -202,39 +211,30 @@ _compiled_backward = tf.function(_backward, jit_compile=True, autograph=False)
 
 
 def _fused_train(xw, r, h0, c0, mask, zero_output, return_sequences):
-    """Forward with gates saved, and a custom gradient running `_backward`."""
+    """Forward with the packed rows saved, and a custom gradient running `_backward`."""
 
     @tf.custom_gradient
     def run(xw, r, h0, c0):
         # The tape must not trace into the XLA functions (it would ask them for
         # their intermediates); `grad` below is the whole gradient.
         xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
-        # hs (carried hidden states) are needed for d_r; with return_sequences
-        # and no mask they equal the outputs, otherwise ask for them.
-        outputs, h, c, gates, cells, hiddens = _compiled_recurrence(
-            xw, r, h0, c0, mask, zero_output=zero_output, return_sequences=True,
-            save_gates=True, activation=tf.tanh, recurrent_activation=tf.sigmoid,
+        result, h, c, saved = _compiled_recurrence(
+            xw, r, h0, c0, mask, zero_output=zero_output, return_sequences=return_sequences,
+            save=True, activation=tf.tanh, recurrent_activation=tf.sigmoid,
         )
-        hs = outputs if hiddens is None else hiddens
-        result = outputs if return_sequences else _last_output(outputs)
 
         def grad(d_result, d_h, d_c):
             d_result = tf.zeros_like(result) if d_result is None else d_result
             d_h = tf.zeros_like(h) if d_h is None else d_h
             d_c = tf.zeros_like(c) if d_c is None else d_c
-            d_xw, d_r, d_h0, d_c0 = _compiled_backward(
-                d_result, d_h, d_c, gates, cells, hs, h0, c0, r, mask,
+            return _compiled_backward(
+                d_result, d_h, d_c, saved, h0, c0, r, mask,
                 zero_output=zero_output, return_sequences=return_sequences,
             )
-            return d_xw, d_r, d_h0, d_c0
 
         return (result, h, c), grad
 
     return run(xw, r, h0, c0)
-
-
-def _last_output(outputs):
-    return outputs[-1]
 
 
 # ---------------------------------------------------------------------------
@@ -253,8 +253,11 @@ def cudnn_mask_ok(mask) -> tf.Tensor:
 
 
 def _cudnn_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, mask, go_backwards,
-                return_sequences):
-    """Batch-major LSTM through `CudnnRNNV3`. Returns (last, outputs, [h, c])."""
+                return_sequences, zero_output_for_mask=False):
+    """Batch-major LSTM through `CudnnRNNV3`. Returns (last, outputs, [h, c]).
+
+    ``mask`` must be strictly right-padded with no empty row (`cudnn_mask_ok`).
+    """
     batch = tf.shape(inputs)[0]
     if mask is None:
         lengths = tf.fill([batch], tf.shape(inputs)[1])
@@ -280,8 +283,11 @@ def _cudnn_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, mask, go_backwar
             tf.reverse_sequence(outputs, lengths, seq_axis=1, batch_axis=0), axis=[1])
     h = h[:, 0]
     c = c[:, 0]
-    # Keras carries the last real output through padded steps; cuDNN writes
-    # zeros there, so the final h is the last output.
+    # cuDNN writes zeros at padded steps. The other paths (and Keras on CPU)
+    # repeat the last real output there unless zero_output_for_mask; going
+    # backwards the padded steps come first and are zeros on every path.
+    if mask is not None and return_sequences and not (zero_output_for_mask or go_backwards):
+        outputs = tf.where(tf.cast(mask, tf.bool)[..., None], outputs, h[:, None, :])
     return h, (outputs if return_sequences else h[:, None]), [h, c]
 
 
@@ -441,7 +447,7 @@ class LSTM(keras.layers.LSTM):
         def cudnn():
             return _cudnn_lstm(sequences, initial_state[0], initial_state[1], kernel,
                                recurrent, bias, mask, self.go_backwards,
-                               self.return_sequences)
+                               self.return_sequences, bool(self.zero_output_for_mask))
 
         def fused():
             return self._fused(sequences, initial_state, mask, training)
@@ -456,41 +462,51 @@ class LSTM(keras.layers.LSTM):
                 return cudnn()
             self._record_path("fused")
             return fused()
-        # In a graph the mask is only known at run time: both branches are built.
+        # In a graph the mask is only known at run time: both branches are built
+        # and the check picks one per call.
         self._record_path("cudnn")
+        logger.info("LSTM layer '%s': masks that are not right-padded run the fused path",
+                    self.name)
         last, outputs, states = tf.cond(
             ok, lambda: _flatten_result(cudnn()), lambda: _flatten_result(fused()))
         return last, outputs, list(states)
+
+    def _time_major_projection(self, x, mask, dtype):
+        """x (B, T, D) -> (x @ kernel + bias) as (T, B, 4U), and the mask as (T, B, 1).
+
+        One matrix product for all steps; both come back in processing order
+        (reversed for go_backwards).
+        """
+        kernel, _, bias = self._weights(dtype)
+        x_tm = tf.transpose(tf.cast(x, dtype), (1, 0, 2))
+        mask_tm = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))[..., None]
+        if self.go_backwards:
+            x_tm = tf.reverse(x_tm, [0])
+            mask_tm = None if mask_tm is None else tf.reverse(mask_tm, [0])
+        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
+        if bias is not None:
+            xw = xw + bias
+        return xw, mask_tm
 
     def _fused(self, sequences, initial_state, mask, training):
         compute_dtype = sequences.dtype
         # Half precision gains nothing on CPU and loses accuracy over long
         # sequences: run the recurrence in float32 and cast the results back.
         dtype = tf.float32 if compute_dtype in (tf.float16, tf.bfloat16) else compute_dtype
-        x = tf.cast(sequences, dtype)
-        h0 = tf.cast(initial_state[0], dtype)
-        c0 = tf.cast(initial_state[1], dtype)
-        kernel, recurrent, bias = self._weights(dtype)
-        mask_tm = None
-        if mask is not None:
-            mask_tm = tf.transpose(tf.cast(mask, tf.bool))[..., None]
-        x_tm = tf.transpose(x, (1, 0, 2))
-        if self.go_backwards:
-            x_tm = tf.reverse(x_tm, [0])
-            if mask_tm is not None:
-                mask_tm = tf.reverse(mask_tm, [0])
-        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
-        if bias is not None:
-            xw = xw + bias
+        h0, c0 = (tf.cast(s, dtype) for s in initial_state)
+        _, recurrent, _ = self._weights(dtype)
+        xw, mask_tm = self._time_major_projection(sequences, mask, dtype)
         zero_output = bool(self.zero_output_for_mask) and mask_tm is not None
         standard = _is_standard_activations(self.activation, self.recurrent_activation)
         if standard and training:
             outputs, h, c = _fused_train(xw, recurrent, h0, c0, mask_tm, zero_output,
                                          self.return_sequences)
         else:
-            outputs, h, c, _, _, _ = _compiled_recurrence(
+            # Inference, or activations without a hand-written gradient: TF
+            # differentiates this loop itself when asked.
+            outputs, h, c, _ = _compiled_recurrence(
                 xw, recurrent, h0, c0, mask_tm, zero_output=zero_output,
-                return_sequences=self.return_sequences, save_gates=False,
+                return_sequences=self.return_sequences, save=False,
                 activation=self.activation, recurrent_activation=self.recurrent_activation,
             )
         if self.return_sequences:
@@ -516,40 +532,36 @@ class LSTM(keras.layers.LSTM):
 
         Returns:
             A dict of ``(batch, timesteps, units)`` float32 tensors aligned with
-            the input time axis: ``input_gate``, ``forget_gate``, ``cell_input``
-            (the candidate g), ``output_gate``, ``cell_state`` and ``hidden_state``.
-            Masked steps repeat the carried state. Runs outside the training graph,
-            so the normal path pays nothing for it.
+            the input time axis (also for ``go_backwards``): ``input_gate``,
+            ``forget_gate``, ``cell_input`` (the candidate g), ``output_gate``,
+            ``cell_state`` and ``hidden_state``. At a masked step the states
+            repeat the carried values. This is a separate computation, so the
+            normal path pays nothing for it.
         """
+        x = tf.convert_to_tensor(inputs)
         if not self.built:
-            self.build(tuple(inputs.shape))
-        x = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
+            self.build(tuple(x.shape))
         if initial_state is None:
             initial_state = (
                 [tf.convert_to_tensor(s) for s in self.states] if self.stateful
                 else self.get_initial_state(tf.shape(x)[0]))
         h0, c0 = (tf.cast(s, tf.float32) for s in initial_state)
-        kernel, recurrent, bias = self._weights(tf.float32)
-        x_tm = tf.transpose(x, (1, 0, 2))
-        mask_tm = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))[..., None]
-        if self.go_backwards:
-            x_tm = tf.reverse(x_tm, [0])
-            mask_tm = None if mask_tm is None else tf.reverse(mask_tm, [0])
-        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
-        if bias is not None:
-            xw = xw + bias
-        outputs, _, _, gates, cells, hiddens = _compiled_recurrence(
+        _, recurrent, _ = self._weights(tf.float32)
+        xw, mask_tm = self._time_major_projection(x, mask, tf.float32)
+        _, _, _, saved = _compiled_recurrence(
             xw, recurrent, h0, c0, mask_tm, zero_output=False, return_sequences=True,
-            save_gates=True, activation=self.activation,
+            save=True, activation=self.activation,
             recurrent_activation=self.recurrent_activation,
         )
-        hidden = outputs if hiddens is None else hiddens
-        i, f, g, o = tf.split(gates, 4, axis=-1)
-        result = {"input_gate": i, "forget_gate": f, "cell_input": g, "output_gate": o,
-                  "cell_state": cells, "hidden_state": hidden}
-        if self.go_backwards:
-            result = {k: tf.reverse(v, [0]) for k, v in result.items()}
-        return {k: tf.transpose(v, (1, 0, 2)) for k, v in result.items()}
+        names = {"input_gate": "i", "forget_gate": "f", "cell_input": "g",
+                 "output_gate": "o", "cell_state": "c", "hidden_state": "h"}
+        result = {}
+        for key, field in names.items():
+            value = _unpack(saved, field, mask_tm is not None)
+            if self.go_backwards:
+                value = tf.reverse(value, [0])
+            result[key] = tf.transpose(value, (1, 0, 2))
+        return result
 
     # -- config -------------------------------------------------------------
 
