@@ -46,6 +46,12 @@ def _is_standard_activations(activation, recurrent_activation) -> bool:
     )
 
 
+def _is_elementwise(fn) -> bool:
+    """The fused path's backward pass assumes activations act elementwise."""
+    return fn not in (activations.softmax, activations.log_softmax, ops.softmax,
+                      ops.log_softmax, tf.nn.softmax, tf.nn.log_softmax)
+
+
 # ---------------------------------------------------------------------------
 # Fused kernels. All work on time-major tensors:
 #   xw   (T, B, 4U)  input projection x_t @ kernel + bias for every step
@@ -73,10 +79,10 @@ def _recurrence(
     """The forward loop. Returns (outputs, h, c, saved).
 
     ``outputs`` is (T, B, U) when ``return_sequences`` else (B, U). With
-    ``save`` every step writes ONE packed row, ``saved`` (T, B, 6U or 7U):
-    the gates i, f, g, o after activation, the carried cell and hidden states,
-    and with a mask the emitted output. One write per step instead of several
-    matters: each write is a fixed cost in XLA's loop on CPU.
+    ``save`` every step writes ONE packed row, ``saved`` (T, B, 6U or 7U): the
+    gate pre-activations z (i, f, g, o), the carried cell and hidden states,
+    and with a mask the emitted output. One write per step instead of several,
+    because each write is a fixed cost in XLA's loop on CPU.
     """
     steps = tf.shape(xw)[0]
     dtype = xw.dtype
@@ -104,7 +110,7 @@ def _recurrence(
         if keep_outputs:
             out_ta = out_ta.write(t, y_new)
         if save:
-            row = [i, f, g, o, c_new, h_new] + ([y_new] if mask_ta is not None else [])
+            row = [z, c_new, h_new] + ([y_new] if mask_ta is not None else [])
             saved_ta = saved_ta.write(t, tf.concat(row, axis=-1))
         return t + 1, x_next, h_new, c_new, y_new, out_ta, saved_ta
 
@@ -122,7 +128,7 @@ def _recurrence(
     return outputs, h, c, saved
 
 
-_PACKED = "ifgochy"  # field order of a saved row; "y" only when a mask is present
+_PACKED = "ifgochy"  # fields of a saved row (i..o are pre-activations); "y" only with a mask
 
 
 def _unpack(saved, name: str, has_mask: bool):
@@ -132,8 +138,23 @@ def _unpack(saved, name: str, has_mask: bool):
     return saved[..., k * width:(k + 1) * width]
 
 
-def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_sequences):
-    """Backpropagation through time for tanh/sigmoid gates.
+def _with_derivative(fn, x):
+    """fn(x) and its elementwise derivative fn'(x), for elementwise activations."""
+    if fn in (tf.sigmoid, activations.sigmoid, ops.sigmoid):
+        y = tf.sigmoid(x)
+        return y, y * (1.0 - y)
+    if fn in (tf.tanh, activations.tanh, ops.tanh):
+        y = tf.tanh(x)
+        return y, 1.0 - y * y
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return y, tape.gradient(y, x)
+
+
+def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_sequences,
+              activation, recurrent_activation):
+    """Backpropagation through time for elementwise activations.
 
     Returns (d_xw (T, B, 4U), d_r (U, 4U), d_h0, d_c0). Everything that does not
     depend on the recurrence (the gate derivatives) is computed for all steps
@@ -143,13 +164,17 @@ def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_se
     steps = tf.shape(saved)[0]
     units = h0.shape[-1]
     has_mask = mask is not None
-    i, f, g, o, c, h = (_unpack(saved, k, has_mask) for k in "ifgoch")
+    z_i, z_f, z_g, z_o, c, h = (_unpack(saved, k, has_mask) for k in "ifgoch")
     c_prev = tf.concat([c0[None], c[:-1]], axis=0)
-    tanh_c = tf.tanh(c)
+    i, di = _with_derivative(recurrent_activation, z_i)
+    f, df = _with_derivative(recurrent_activation, z_f)
+    o, do = _with_derivative(recurrent_activation, z_o)
+    g, dg = _with_derivative(activation, z_g)
+    act_c, dact_c = _with_derivative(activation, c)
     # d_z_i = dc * a_i, d_z_f = dc * a_f, d_z_g = dc * a_g, d_z_o = dh * a_o,
-    # dc += dh * a_c, dc_prev = dc * f.
-    fields = [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
-              tanh_c * o * (1.0 - o), o * (1.0 - tanh_c * tanh_c), f]
+    # dc += dh * a_c, dc_prev = dc * f. At a masked step c is the carried
+    # state, not the step's own, but every term there is multiplied by zero.
+    fields = [di * g, df * c_prev, i * dg, do * act_c, o * dact_c, f]
     if return_sequences:
         fields.append(d_out)
     if has_mask:
@@ -210,27 +235,37 @@ _compiled_recurrence = tf.function(_recurrence, jit_compile=True, autograph=Fals
 _compiled_backward = tf.function(_backward, jit_compile=True, autograph=False)
 
 
-def _fused_train(xw, r, h0, c0, mask, zero_output, return_sequences):
-    """Forward with the packed rows saved, and a custom gradient running `_backward`."""
+def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
+           recurrent_activation, training):
+    """The fused recurrence with its hand-written gradient.
+
+    Training saves one packed row per step for the backward pass. Inference
+    runs the lean loop; if a gradient is asked for all the same (saliency,
+    gradient-norm studies), it recomputes the forward with saving first.
+    TF cannot differentiate the XLA loop itself (its TensorLists may not cross
+    the XLA boundary), so this custom gradient is the whole gradient.
+    """
+    loop = dict(zero_output=zero_output, activation=activation,
+                recurrent_activation=recurrent_activation)
 
     @tf.custom_gradient
     def run(xw, r, h0, c0):
-        # The tape must not trace into the XLA functions (it would ask them for
-        # their intermediates); `grad` below is the whole gradient.
+        # Keep the tape out of the XLA functions: it would ask them for their
+        # intermediates.
         xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
         result, h, c, saved = _compiled_recurrence(
-            xw, r, h0, c0, mask, zero_output=zero_output, return_sequences=return_sequences,
-            save=True, activation=tf.tanh, recurrent_activation=tf.sigmoid,
-        )
+            xw, r, h0, c0, mask, return_sequences=return_sequences, save=training, **loop)
 
         def grad(d_result, d_h, d_c):
+            rows = saved
+            if rows is None:
+                _, _, _, rows = _compiled_recurrence(
+                    xw, r, h0, c0, mask, return_sequences=return_sequences, save=True, **loop)
             d_result = tf.zeros_like(result) if d_result is None else d_result
             d_h = tf.zeros_like(h) if d_h is None else d_h
             d_c = tf.zeros_like(c) if d_c is None else d_c
-            return _compiled_backward(
-                d_result, d_h, d_c, saved, h0, c0, r, mask,
-                zero_output=zero_output, return_sequences=return_sequences,
-            )
+            return _compiled_backward(d_result, d_h, d_c, rows, h0, c0, r, mask,
+                                      return_sequences=return_sequences, **loop)
 
         return (result, h, c), grad
 
@@ -390,9 +425,12 @@ class LSTM(keras.layers.LSTM):
 
     def planned_path(self, training: bool = False) -> str:
         """The path a call would take, before any per-call mask check."""
-        if self.unroll or (training and self.recurrent_dropout):
+        elementwise = _is_elementwise(self.activation) and _is_elementwise(
+            self.recurrent_activation)
+        if self.unroll or (training and self.recurrent_dropout) or not elementwise:
             if self.use_cudnn is True:
-                raise ValueError(self._cudnn_refused("unroll=True or recurrent_dropout"))
+                raise ValueError(self._cudnn_refused(
+                    "unroll=True, recurrent_dropout or a non-elementwise activation"))
             return "reference"
         if self.use_cudnn in ("auto", True) and self._cudnn_config_ok(training):
             if gpu_available():
@@ -425,7 +463,7 @@ class LSTM(keras.layers.LSTM):
         if path == "cudnn":
             return self._cudnn_or_fallback(sequences, initial_state, mask, training)
         self._record_path("fused")
-        return self._fused(sequences, initial_state, mask, training)
+        return self._run_fused(sequences, initial_state, mask, training)
 
     def _apply_input_dropout(self, sequences, training):
         if training and 0.0 < self.dropout < 1.0:
@@ -450,7 +488,7 @@ class LSTM(keras.layers.LSTM):
                                self.return_sequences, bool(self.zero_output_for_mask))
 
         def fused():
-            return self._fused(sequences, initial_state, mask, training)
+            return self._run_fused(sequences, initial_state, mask, training)
 
         if mask is None:
             self._record_path("cudnn")
@@ -488,7 +526,7 @@ class LSTM(keras.layers.LSTM):
             xw = xw + bias
         return xw, mask_tm
 
-    def _fused(self, sequences, initial_state, mask, training):
+    def _run_fused(self, sequences, initial_state, mask, training):
         compute_dtype = sequences.dtype
         # Half precision gains nothing on CPU and loses accuracy over long
         # sequences: run the recurrence in float32 and cast the results back.
@@ -496,19 +534,11 @@ class LSTM(keras.layers.LSTM):
         h0, c0 = (tf.cast(s, dtype) for s in initial_state)
         _, recurrent, _ = self._weights(dtype)
         xw, mask_tm = self._time_major_projection(sequences, mask, dtype)
-        zero_output = bool(self.zero_output_for_mask) and mask_tm is not None
-        standard = _is_standard_activations(self.activation, self.recurrent_activation)
-        if standard and training:
-            outputs, h, c = _fused_train(xw, recurrent, h0, c0, mask_tm, zero_output,
-                                         self.return_sequences)
-        else:
-            # Inference, or activations without a hand-written gradient: TF
-            # differentiates this loop itself when asked.
-            outputs, h, c, _ = _compiled_recurrence(
-                xw, recurrent, h0, c0, mask_tm, zero_output=zero_output,
-                return_sequences=self.return_sequences, save=False,
-                activation=self.activation, recurrent_activation=self.recurrent_activation,
-            )
+        outputs, h, c = _fused(
+            xw, recurrent, h0, c0, mask_tm,
+            zero_output=bool(self.zero_output_for_mask) and mask_tm is not None,
+            return_sequences=self.return_sequences, activation=self.activation,
+            recurrent_activation=self.recurrent_activation, training=bool(training))
         if self.return_sequences:
             last = outputs[-1]
             outputs = tf.transpose(outputs, (1, 0, 2))
@@ -553,11 +583,15 @@ class LSTM(keras.layers.LSTM):
             save=True, activation=self.activation,
             recurrent_activation=self.recurrent_activation,
         )
-        names = {"input_gate": "i", "forget_gate": "f", "cell_input": "g",
-                 "output_gate": "o", "cell_state": "c", "hidden_state": "h"}
+        has_mask = mask_tm is not None
+        act, rec = self.activation, self.recurrent_activation
+        fields = {"input_gate": ("i", rec), "forget_gate": ("f", rec), "cell_input": ("g", act),
+                  "output_gate": ("o", rec), "cell_state": ("c", None),
+                  "hidden_state": ("h", None)}
         result = {}
-        for key, field in names.items():
-            value = _unpack(saved, field, mask_tm is not None)
+        for key, (field, fn) in fields.items():
+            value = _unpack(saved, field, has_mask)
+            value = value if fn is None else fn(value)
             if self.go_backwards:
                 value = tf.reverse(value, [0])
             result[key] = tf.transpose(value, (1, 0, 2))
