@@ -23,6 +23,7 @@ logs one line on the ``lstm_suite`` logger.
 from __future__ import annotations
 
 import logging
+import os
 
 import keras
 import tensorflow as tf
@@ -235,9 +236,37 @@ _compiled_recurrence = tf.function(_recurrence, jit_compile=True, autograph=Fals
 _compiled_backward = tf.function(_backward, jit_compile=True, autograph=False)
 
 
+def shard_count(batch: int | None, units: int) -> int:
+    """How many batch shards the fused path runs side by side.
+
+    Rows of a batch are independent, and one XLA loop keeps about one core busy
+    at the sizes where the per-step product is small: separate XLA calls on
+    slices of the batch run concurrently on TensorFlow's inter-op threads.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    inter_op = tf.config.threading.get_inter_op_parallelism_threads() or cores
+    shards = max(1, min(cores or 1, inter_op, _MAX_SHARDS))
+    if batch is not None and batch < _MIN_SHARD_ROWS * shards:
+        return 1
+    return shards
+
+
+_MAX_SHARDS = 2
+_MIN_SHARD_ROWS = 8
+
+
+def _split_batch(tensor, shards: int, axis: int):
+    """`shards` slices along the batch axis; sizes differ by at most one (may be 0)."""
+    if tensor is None:
+        return [None] * shards
+    batch = tf.shape(tensor)[axis]
+    sizes = [(batch + shards - 1 - k) // shards for k in range(shards)]
+    return tf.split(tensor, tf.stack(sizes), axis=axis)
+
+
 def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
-           recurrent_activation, training):
-    """The fused recurrence with its hand-written gradient.
+           recurrent_activation, training, shards=1):
+    """The fused recurrence with its hand-written gradient, over batch shards.
 
     Training saves one packed row per step for the backward pass. Inference
     runs the lean loop; if a gradient is asked for all the same (saliency,
@@ -247,25 +276,47 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
     """
     loop = dict(zero_output=zero_output, activation=activation,
                 recurrent_activation=recurrent_activation)
+    seq_axis = 1 if return_sequences else 0  # batch axis of the result
 
     @tf.custom_gradient
     def run(xw, r, h0, c0):
         # Keep the tape out of the XLA functions: it would ask them for their
         # intermediates.
         xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
-        result, h, c, saved = _compiled_recurrence(
-            xw, r, h0, c0, mask, return_sequences=return_sequences, save=training, **loop)
+        parts = list(zip(_split_batch(xw, shards, 1), _split_batch(h0, shards, 0),
+                         _split_batch(c0, shards, 0), _split_batch(mask, shards, 1),
+                         strict=True))
+        forward = [
+            _compiled_recurrence(p_xw, r, p_h0, p_c0, p_mask,
+                                 return_sequences=return_sequences, save=training, **loop)
+            for p_xw, p_h0, p_c0, p_mask in parts
+        ]
+        result = tf.concat([f[0] for f in forward], axis=seq_axis)
+        h = tf.concat([f[1] for f in forward], axis=0)
+        c = tf.concat([f[2] for f in forward], axis=0)
 
         def grad(d_result, d_h, d_c):
-            rows = saved
-            if rows is None:
-                _, _, _, rows = _compiled_recurrence(
-                    xw, r, h0, c0, mask, return_sequences=return_sequences, save=True, **loop)
             d_result = tf.zeros_like(result) if d_result is None else d_result
             d_h = tf.zeros_like(h) if d_h is None else d_h
             d_c = tf.zeros_like(c) if d_c is None else d_c
-            return _compiled_backward(d_result, d_h, d_c, rows, h0, c0, r, mask,
-                                      return_sequences=return_sequences, **loop)
+            grads = []
+            for (p_xw, p_h0, p_c0, p_mask), fwd, p_dres, p_dh, p_dc in zip(
+                parts, forward, _split_batch(d_result, shards, seq_axis),
+                _split_batch(d_h, shards, 0), _split_batch(d_c, shards, 0), strict=True,
+            ):
+                rows = fwd[3]
+                if rows is None:
+                    rows = _compiled_recurrence(p_xw, r, p_h0, p_c0, p_mask,
+                                                return_sequences=return_sequences,
+                                                save=True, **loop)[3]
+                grads.append(_compiled_backward(p_dres, p_dh, p_dc, rows, p_h0, p_c0, r,
+                                                p_mask, return_sequences=return_sequences,
+                                                **loop))
+            d_xw = tf.concat([g[0] for g in grads], axis=1)
+            d_r = tf.add_n([g[1] for g in grads])
+            d_h0 = tf.concat([g[2] for g in grads], axis=0)
+            d_c0 = tf.concat([g[3] for g in grads], axis=0)
+            return d_xw, d_r, d_h0, d_c0
 
         return (result, h, c), grad
 
@@ -538,7 +589,8 @@ class LSTM(keras.layers.LSTM):
             xw, recurrent, h0, c0, mask_tm,
             zero_output=bool(self.zero_output_for_mask) and mask_tm is not None,
             return_sequences=self.return_sequences, activation=self.activation,
-            recurrent_activation=self.recurrent_activation, training=bool(training))
+            recurrent_activation=self.recurrent_activation, training=bool(training),
+            shards=shard_count(sequences.shape[0], self.units))
         if self.return_sequences:
             last = outputs[-1]
             outputs = tf.transpose(outputs, (1, 0, 2))
