@@ -1,0 +1,146 @@
+"""Export a SavedModel whose ``serving_default`` takes raw input, and check it.
+
+The app supplies the serving function because only it knows the raw input: a
+`tf.Module` holding the model (so its variables are saved) and a
+`tf.function` with an ``input_signature`` that goes from raw input (strings,
+audio samples, price windows) to outputs::
+
+    class Serving(tf.Module):
+        def __init__(self, model, vectorizer):
+            super().__init__()
+            self.model, self.vectorizer = model, vectorizer
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def serve(self, text):
+            return {"probability": self.model(self.vectorizer(text), training=False)}
+
+    export_saved_model(Serving(model, vectorizer), run.saved_model, sample=tf.constant(["good"]))
+
+The export is written to a temporary folder, reloaded with
+`tf.saved_model.load` and run on `sample`; only if it reproduces the
+in-process outputs does it replace the previous export.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common.errors import ExportCheckFailed
+from common.runs import atomic_directory
+
+SIGNATURE = "serving_default"
+
+
+class ModelServing(tf.Module):
+    """Serves a one-input Keras model as is: raw input = the model's input tensor.
+
+    For models whose input already is the raw input (e.g. price windows). The
+    signature's argument is named after the model's `Input`; it returns
+    ``{"output": ...}``. Models with several inputs need their own module.
+    """
+
+    def __init__(self, model: keras.Model):
+        super().__init__()
+        if len(model.inputs) != 1:
+            raise ValueError(f"ModelServing serves one-input models; {model.name} has "
+                             f"{len(model.inputs)}: write a serving module for it")
+        self.model = model
+        x = model.inputs[0]
+        spec = tf.TensorSpec((None, *tuple(x.shape)[1:]), x.dtype, name=_input_name(x))
+
+        @tf.function(input_signature=[spec])
+        def serve(inputs):
+            return {"output": model(inputs, training=False)}
+
+        self.serve = serve
+
+
+def _input_name(tensor) -> str:
+    # Keras input names ("input_layer", "prices") become signature argument names.
+    return tensor.name.split(":")[0].replace("/", "_")
+
+
+def export_saved_model(
+    module: tf.Module,
+    export_dir: str | os.PathLike,
+    sample: Any,
+    *,
+    function_name: str = "serve",
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Path:
+    """Save `module` with ``serving_default`` = ``module.<function_name>``, then check it.
+
+    Args:
+        module: a `tf.Module` that holds the model (and any lookup tables) as
+            attributes, and a `tf.function` with an ``input_signature``.
+        export_dir: the SavedModel folder; replaced only after the check passes.
+        sample: raw input for the check: one value for a one-argument
+            function, or a dict of argument name -> value.
+        function_name: the attribute of `module` to serve.
+        rtol, atol: tolerance of the output comparison (strings must match).
+
+    Returns:
+        The export folder.
+
+    Raises:
+        ExportCheckFailed: the reloaded SavedModel gave other outputs.
+    """
+    export_dir = Path(export_dir)
+    function = getattr(module, function_name)
+    if getattr(function, "input_signature", None) is None:
+        raise ValueError(f"{type(module).__name__}.{function_name} must be a tf.function with "
+                         "an input_signature (the raw input it serves)")
+    signature = function.get_concrete_function()
+    expected = _as_output_dict(_call(function, sample))
+    with atomic_directory(export_dir) as tmp:
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: signature})
+        reloaded = tf.saved_model.load(str(tmp)).signatures[SIGNATURE]
+        got = reloaded(**_as_kwargs(reloaded, sample))
+        _compare(expected, got, rtol=rtol, atol=atol, where=export_dir)
+    return export_dir
+
+
+def _call(function, sample):
+    return function(**sample) if isinstance(sample, Mapping) else function(sample)
+
+
+def _as_kwargs(signature, sample) -> dict[str, Any]:
+    if isinstance(sample, Mapping):
+        return dict(sample)
+    names = list(signature.structured_input_signature[1])
+    if len(names) != 1:
+        raise ValueError(f"the serving function takes {names}; pass `sample` as a dict")
+    return {names[0]: sample}
+
+
+def _as_output_dict(outputs) -> dict[str, Any]:
+    # What a signature returns for a function's outputs: dicts keep their keys,
+    # anything else is flattened to output_0, output_1, ...
+    if isinstance(outputs, Mapping):
+        return dict(outputs)
+    return {f"output_{i}": t for i, t in enumerate(tf.nest.flatten(outputs))}
+
+
+def _compare(expected: dict, got: dict, *, rtol: float, atol: float, where: Path) -> None:
+    if set(expected) != set(got):
+        raise ExportCheckFailed(f"{where}: reloaded SavedModel outputs {sorted(got)}, "
+                                f"expected {sorted(expected)}")
+    for key, want in expected.items():
+        want, have = np.asarray(want), np.asarray(got[key])
+        if want.shape != have.shape:
+            raise ExportCheckFailed(f"{where}: output '{key}' has shape {have.shape} after "
+                                    f"reloading, {want.shape} before")
+        same = (np.array_equal(want, have) if want.dtype.kind in "OSUb"
+                else np.allclose(want, have, rtol=rtol, atol=atol, equal_nan=True))
+        if not same:
+            raise ExportCheckFailed(f"{where}: output '{key}' differs after reloading the "
+                                    "SavedModel (the serving function is not deterministic "
+                                    "or depends on Python state)")

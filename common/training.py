@@ -1,0 +1,285 @@
+"""Train a Keras model into a run directory: the one `train` every app calls.
+
+    with open_run(args.run_dir, app="finance", task="forecast", resume=args.resume) as run:
+        result = train(run, TrainConfig.from_args(args), build_model,
+                       (x_train, y_train), (x_val, y_val), (x_test, y_test),
+                       loss="mse", metrics=["mae"], data_source=args.data)
+
+`train` seeds everything, applies the precision policy and the distribution
+strategy, builds and compiles the model (Adam, global-norm gradient clipping,
+optional cosine schedule), fits it with the callbacks of
+`common.callbacks.make_callbacks`, keeps the best epoch's weights, evaluates
+on every split, and writes config.json, metrics.json, model.keras and
+saved_model/ (see `common.runs` for the layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from common.callbacks import RunCheckpoint, StopOnNaN, TimeBudget, make_callbacks
+from common.errors import TrainingDiverged, UserError
+from common.runs import RunDir, atomic_save_model, load_keras, read_json, versions, write_json
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared training settings (the flags of `common.cli.add_train_flags`)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine"
+    clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    patience: int = 0  # early stopping; 0 disables
+    max_minutes: float | None = None
+    seed: int = 0
+    strategy: str = "default"  # "mirrored", "multiworker"
+    mixed_precision: str = "off"  # "mixed_float16", "mixed_bfloat16"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The fields of `args` named like ours (other flags are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    metrics: dict[str, Any]  # what RUN/metrics.json holds
+    history: dict[str, list[float]]  # this process's epochs only (a resume starts late)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow (weights, shuffling, dropout)."""
+    keras.utils.set_random_seed(seed)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam with the configured learning rate, schedule and gradient clipping.
+
+    Clipping is by global norm (all gradients scaled together), as for recurrent
+    nets in PyTorch's `clip_grad_norm_`: it bounds the step size while keeping
+    its direction. The cosine schedule decays to 0 over `config.epochs` epochs.
+    """
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
+    elif config.lr_schedule != "constant":
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}")
+    clipping = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
+    return keras.optimizers.Adam(learning_rate=learning_rate, **clipping)
+
+
+def as_dataset(data: Any, batch_size: int, *, shuffle: bool = False,
+               seed: int = 0) -> tf.data.Dataset | None:
+    """A batched `tf.data.Dataset` from arrays or a dataset.
+
+    Args:
+        data: None, a `tf.data.Dataset` that is already batched (returned as
+            is), or an ``(x, y)`` / ``(x, y, sample_weight)`` tuple of arrays
+            (or dicts of arrays) with examples along the first axis.
+        batch_size: examples per batch, for arrays.
+        shuffle: reshuffle array examples every epoch (training data).
+        seed: the shuffling seed.
+    """
+    if data is None or isinstance(data, tf.data.Dataset):
+        return data
+    if not isinstance(data, tuple):
+        raise TypeError("data must be a tf.data.Dataset or an (x, y) tuple of arrays")
+    dataset = tf.data.Dataset.from_tensor_slices(data)
+    if shuffle:
+        count = len(tf.nest.flatten(data)[0])
+        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def count_steps(dataset: tf.data.Dataset) -> int:
+    """Batches per epoch (iterates once if the dataset does not know)."""
+    steps = int(dataset.cardinality())
+    if steps == tf.data.INFINITE_CARDINALITY:
+        raise ValueError("the training dataset is infinite; give one epoch's worth of data")
+    if steps == tf.data.UNKNOWN_CARDINALITY:
+        steps = int(dataset.reduce(0, lambda n, _: n + 1))
+    if steps == 0:
+        raise UserError("the training data is empty")
+    return steps
+
+
+def evaluate(model: keras.Model, data: Any, batch_size: int = 32) -> dict[str, float]:
+    """The compiled loss and metrics of `model` on `data` (see `as_dataset`)."""
+    dataset = as_dataset(data, batch_size)
+    results = model.evaluate(dataset, verbose=0, return_dict=True)
+    return {name: float(value) for name, value in results.items()}
+
+
+def _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch):
+    from common.distribute import configure_mixed_precision  # imported lazily
+
+    # Always set: "off" puts back float32 if an earlier run in this process
+    # changed Keras's global policy.
+    configure_mixed_precision(config.mixed_precision)
+    # Variables (model and optimizer) must be created under the strategy.
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer=make_optimizer(config, steps_per_epoch), loss=loss,
+                      metrics=list(metrics))
+    return model
+
+
+def train(
+    run: RunDir,
+    config: TrainConfig,
+    build_model: Callable[[], keras.Model],
+    train_data: Any,
+    validation_data: Any = None,
+    test_data: Any = None,
+    *,
+    loss: Any,
+    metrics: Sequence[Any] = (),
+    monitor: str = "val_loss",
+    mode: str = "min",
+    data_source: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    serving: Callable[[keras.Model], tf.Module] | None = None,
+    serving_sample: Any = None,
+    probe_inputs: Any = None,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> TrainResult:
+    """Train, evaluate, save and export one run (see the module docstring).
+
+    Args:
+        run: from `common.runs.open_run` (which holds the lock).
+        config: the shared settings, usually `TrainConfig.from_args(args)`.
+        build_model: returns a new, built, uncompiled model; called under the
+            distribution strategy.
+        train_data, validation_data, test_data: see `as_dataset`; validation
+            and test are optional.
+        loss, metrics: passed to `model.compile`.
+        monitor, mode: which logged metric picks the best epoch ("val_loss"
+            falls back to "loss" without validation data).
+        data_source: where the data came from (recorded in config.json).
+        settings: the app's own resolved settings (vocabulary size, window...).
+        serving: builds the export module from the trained model (see
+            `common.export`); default: `ModelServing` (the model's own inputs).
+        serving_sample: raw input for the export self-check; default: the
+            first batch of inputs of the test/validation/training data.
+        probe_inputs: a batch of inputs for the LSTM gate inspection logs.
+        extra_callbacks: the app's own callbacks, run after ours.
+
+    Raises:
+        TrainingDiverged: the loss or the weights became NaN/inf; the
+            checkpoints hold the last good epoch.
+    """
+    from common.distribute import make_strategy  # imported lazily
+
+    # First: a multi-worker strategy must exist before any other TensorFlow op.
+    strategy = make_strategy(config.strategy)
+    set_seed(config.seed)
+    train_ds = as_dataset(train_data, config.batch_size, shuffle=True, seed=config.seed)
+    val_ds = as_dataset(validation_data, config.batch_size)
+    test_ds = as_dataset(test_data, config.batch_size)
+    steps_per_epoch = count_steps(train_ds)
+    if val_ds is None and monitor.startswith("val_"):
+        monitor = monitor[len("val_"):]
+
+    model = _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch)
+    _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch)
+
+    callbacks = make_callbacks(run, monitor=monitor, mode=mode, patience=config.patience,
+                               max_minutes=config.max_minutes, probe_inputs=probe_inputs)
+    callbacks += list(extra_callbacks)
+    started = time.monotonic()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                        callbacks=callbacks, shuffle=False,  # as_dataset shuffles
+                        verbose=1 if sys.stdout.isatty() else 2)
+    nan_guard = _find(callbacks, StopOnNaN)
+    checkpoint = _find(callbacks, RunCheckpoint)
+    if nan_guard.diverged:
+        raise TrainingDiverged(_divergence_message(run, nan_guard, checkpoint))
+
+    if run.best_checkpoint.exists():
+        # The model we keep is the best epoch's, not the last one's.
+        best = load_keras(run.best_checkpoint, compile=False)
+        model.set_weights(best.get_weights())
+
+    metrics_out: dict[str, Any] = {
+        "train": evaluate(model, train_ds),
+        "validation": evaluate(model, val_ds) if val_ds is not None else None,
+        "test": evaluate(model, test_ds) if test_ds is not None else None,
+        "epochs_completed": 0 if checkpoint.last_epoch is None else checkpoint.last_epoch + 1,
+        "best_epoch": None if checkpoint.best_epoch is None else checkpoint.best_epoch + 1,
+        "monitor": monitor,
+        "best": checkpoint.best,
+        "stopped": _stop_reason(callbacks, model),
+        "train_seconds_this_process": round(time.monotonic() - started, 1),
+    }
+    write_json(run.metrics, metrics_out)
+    atomic_save_model(model, run.model)
+
+    from common.export import ModelServing, export_saved_model
+
+    module = serving(model) if serving is not None else ModelServing(model)
+    if serving_sample is None:
+        serving_sample = _first_inputs(test_ds or val_ds or train_ds)
+    export_saved_model(module, run.saved_model, serving_sample)
+    return TrainResult(model=model, metrics=metrics_out, history=dict(history.history))
+
+
+def _find(callbacks, kind):
+    return next(c for c in callbacks if isinstance(c, kind))
+
+
+def _stop_reason(callbacks, model) -> str:
+    for c in callbacks:
+        if isinstance(c, TimeBudget) and c.stopped_epoch is not None:
+            return "time_budget"
+        if isinstance(c, keras.callbacks.EarlyStopping) and c.stopped_epoch > 0:
+            return "early_stopping"
+    return "completed"
+
+
+def _first_inputs(dataset: tf.data.Dataset):
+    batch = next(iter(dataset))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def _divergence_message(run: RunDir, guard: StopOnNaN, checkpoint: RunCheckpoint) -> str:
+    where = f"epoch {guard.epoch + 1}" + (f", batch {guard.batch + 1}" if guard.batch is not None
+                                          else "")
+    if checkpoint.last_epoch is not None:
+        kept = (f"the last good checkpoint is {run.last_checkpoint} "
+                f"(epoch {checkpoint.last_epoch + 1})")
+    else:
+        kept = "no epoch finished cleanly, so there is no checkpoint"
+    return (f"training diverged: {guard.what} at {where}; {kept}. Try a lower --learning-rate, "
+            "a smaller --clip-norm, or look for NaN/inf in the data")
+
+
+def _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch) -> None:
+    previous = read_json(run.config) if run.config.exists() else {}
+    resumed = run.backup.exists()
+    write_json(run.config, {
+        **previous,
+        "versions": versions(),
+        "data": data_source,
+        "training": dataclasses.asdict(config),
+        "app_settings": dict(settings or {}),
+        "monitor": monitor,
+        "steps_per_epoch": steps_per_epoch,
+        "model": {"name": model.name, "parameters": model.count_params(),
+                  "dtype_policy": keras.config.dtype_policy().name},
+        "resumed": previous.get("resumed", 0) + int(resumed),
+    })

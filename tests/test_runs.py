@@ -1,0 +1,154 @@
+"""Run directories: atomic writes, ownership checks and the lock (no training)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from common.errors import RunDirBusy, UserError
+from common.runs import (
+    RunDir,
+    atomic_directory,
+    atomic_write_text,
+    load_run,
+    open_run,
+    write_json,
+)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "a.json"
+    write_json(target, {"x": 1})
+    atomic_write_text(target, '{"x": 2}')
+    assert json.loads(target.read_text()) == {"x": 2}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_write_json_converts_numpy_scalars(tmp_path):
+    import numpy as np
+
+    write_json(tmp_path / "m.json", {"loss": np.float32(0.5), "n": np.int64(3)})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"loss": 0.5, "n": 3}
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    target = tmp_path / "export"
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("half-way")
+    assert (target / "v").read_text() == "1"
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("3")
+    assert (target / "v").read_text() == "3"
+    assert os.listdir(tmp_path) == ["export"]
+
+
+def test_new_run_is_claimed_and_never_overwritten(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="nlp", task="sentiment") as run:
+        assert isinstance(run, RunDir)
+        config = json.loads(run.config.read_text())
+        assert (config["app"], config["task"]) == ("nlp", "sentiment")
+        assert run.logs.is_dir() and run.checkpoints.is_dir()
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        with open_run(root, app="nlp", task="sentiment"):
+            pass
+    with open_run(root, app="nlp", task="sentiment", resume=True):
+        pass
+
+
+def test_run_of_another_app_or_task_is_refused(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="nlp", task="sentiment"):
+        pass
+    with pytest.raises(UserError, match="belongs to app 'nlp' task 'sentiment', not 'speech'"):
+        with open_run(root, app="speech", task="keywords", resume=True):
+            pass
+    with pytest.raises(UserError, match="not 'nlp' task 'lm'"):
+        load_run(root, app="nlp", task="lm")
+
+
+def test_foreign_folder_and_file_are_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_text("")
+    with pytest.raises(UserError, match="not empty and not a run directory"):
+        with open_run(tmp_path / "photos", app="a", task="b"):
+            pass
+    assert os.listdir(tmp_path / "photos") == ["cat.jpg"]  # no lock left behind
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        with open_run(tmp_path / "file", app="a", task="b"):
+            pass
+
+
+def test_resume_of_missing_run_starts_a_new_one(tmp_path, capsys):
+    with open_run(tmp_path / "run", app="a", task="b", resume=True) as run:
+        assert run.config.exists()
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_lock_refuses_a_second_user_in_the_same_process(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="a", task="b"):
+        with pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()}"):
+            with open_run(root, app="a", task="b", resume=True):
+                pass
+    with open_run(root, app="a", task="b", resume=True):  # released
+        pass
+
+
+def test_lock_refuses_another_live_process_and_takes_over_a_dead_ones(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="a", task="b"):
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        f = open({str(root / '.lock')!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"pid {{os.getpid()}} on test\\n"); f.flush()
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"in use by pid {holder.pid} on test"):
+            with open_run(root, app="a", task="b", resume=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock file (naming a dead PID)
+    # stays, but the lock itself died with it.
+    assert f"pid {holder.pid}" in (root / ".lock").read_text()
+    with open_run(root, app="a", task="b", resume=True):
+        assert f"pid {os.getpid()}" in (root / ".lock").read_text()
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="a", task="b") as run:
+        pass
+    (root / "model.keras.tmp-999.keras").write_text("half")
+    (run.checkpoints / "last.keras.tmp-999.keras").write_text("half")
+    (root / "saved_model.old-999").mkdir()
+    with open_run(root, app="a", task="b", resume=True):
+        assert sorted(os.listdir(root)) == [".lock", "checkpoints", "config.json", "logs"]
+        assert os.listdir(run.checkpoints) == []
+
+
+def test_load_run_errors_name_the_run_dir(tmp_path):
+    with pytest.raises(UserError, match="no such run directory"):
+        load_run(tmp_path / "missing", app="a", task="b")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a run directory"):
+        load_run(tmp_path / "empty", app="a", task="b")
+    with open_run(tmp_path / "run", app="a", task="b"):
+        pass
+    with pytest.raises(UserError, match="no model.keras; train it first"):
+        load_run(tmp_path / "run", app="a", task="b").load_model()
