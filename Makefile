@@ -21,8 +21,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m common.demo
 
+# torch (the optional "bench" extra) adds nn.LSTM to the table; without it the
+# benchmark still runs. Pass options with e.g. `make bench BENCH_ARGS=--quick`.
 bench: $(STAMP)
-	$(PY) benchmarks/lstm_speed.py
+	$(PY) -m pip install --quiet -e ".[bench]" || \
+		echo "note: could not install the bench extra (torch==2.13.0); running without the torch comparison"
+	$(PY) benchmarks/lstm_speed.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check common apps tests benchmarks
