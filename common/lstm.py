@@ -265,7 +265,7 @@ def _split_batch(tensor, shards: int, axis: int):
 
 
 def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
-           recurrent_activation, training, shards=1):
+           recurrent_activation, training, shards=1, function_boundary=False):
     """The fused recurrence with its hand-written gradient, over batch shards.
 
     Training saves one packed row per step for the backward pass. Inference
@@ -279,7 +279,8 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
     seq_axis = 1 if return_sequences else 0  # batch axis of the result
 
     @tf.custom_gradient
-    def run(xw, r, h0, c0):
+    def run(xw, r, h0, c0, *optional_mask):
+        mask = optional_mask[0] if optional_mask else None
         # Keep the tape out of the XLA functions: it would ask them for their
         # intermediates.
         xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
@@ -316,11 +317,18 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
             d_r = tf.add_n([g[1] for g in grads])
             d_h0 = tf.concat([g[2] for g in grads], axis=0)
             d_c0 = tf.concat([g[3] for g in grads], axis=0)
-            return d_xw, d_r, d_h0, d_c0
+            return (d_xw, d_r, d_h0, d_c0) + (None,) * len(optional_mask)
 
         return (result, h, c), grad
 
-    return run(xw, r, h0, c0)
+    if function_boundary:
+        # Inside a tf.cond branch (the cuDNN fallback) the gradient closure may
+        # not capture branch tensors; behind a function boundary TF exports
+        # them as the call's intermediates. Only there: under a persistent tape
+        # a function boundary makes TF prepare second-order gradients, which
+        # would trace into the XLA loops.
+        run = tf.function(run, autograph=False)
+    return run(xw, r, h0, c0, *([] if mask is None else [mask]))
 
 
 # ---------------------------------------------------------------------------
@@ -440,29 +448,34 @@ class LSTM(keras.layers.LSTM):
 
     # -- validation ---------------------------------------------------------
 
+    def __call__(self, sequences, *args, **kwargs):
+        # Checked here, not in call(): a symbolic call (keras.Input) never runs
+        # call(), and Keras's InputSpec message does not say what to do.
+        self._check_input(getattr(sequences, "shape", None), getattr(sequences, "dtype", None))
+        return super().__call__(sequences, *args, **kwargs)
+
     def build(self, sequences_shape, initial_state_shape=None):
-        if len(sequences_shape) != 3:
-            raise ValueError(
-                f"LSTM layer '{self.name}' expects input of rank 3 (batch, timesteps, "
-                f"features); got shape {tuple(sequences_shape)}."
-            )
-        if sequences_shape[-1] is None:
-            raise ValueError(
-                f"LSTM layer '{self.name}' needs a known feature dimension (the last axis); "
-                f"got shape {tuple(sequences_shape)}. Give Input(shape=(timesteps, features))."
-            )
+        self._check_input(sequences_shape, None)
         super().build(sequences_shape, initial_state_shape)
 
-    def call(self, sequences, initial_state=None, mask=None, training=False):
-        dtype = getattr(sequences, "dtype", None)
+    def _check_input(self, shape, dtype) -> None:
+        if shape is not None and len(shape) != 3:
+            raise ValueError(
+                f"LSTM layer '{self.name}' expects input of rank 3 (batch, timesteps, "
+                f"features); got shape {tuple(shape)}. Add a time axis, e.g. "
+                "x[:, :, None] for one feature per step."
+            )
+        if shape is not None and shape[-1] is None:
+            raise ValueError(
+                f"LSTM layer '{self.name}' needs a known feature dimension (the last axis); "
+                f"got shape {tuple(shape)}. Give Input(shape=(timesteps, features))."
+            )
         if dtype is not None and not tf.as_dtype(dtype).is_floating:
             raise TypeError(
                 f"LSTM layer '{self.name}' expects floating-point input; got dtype "
                 f"{tf.as_dtype(dtype).name}. Embed integer tokens first (keras.layers."
                 "Embedding) or cast the features to float32."
             )
-        return super().call(sequences, initial_state=initial_state, mask=mask,
-                            training=training)
 
     # -- path selection -----------------------------------------------------
 
@@ -538,9 +551,6 @@ class LSTM(keras.layers.LSTM):
                                recurrent, bias, mask, self.go_backwards,
                                self.return_sequences, bool(self.zero_output_for_mask))
 
-        def fused():
-            return self._run_fused(sequences, initial_state, mask, training)
-
         if mask is None:
             self._record_path("cudnn")
             return cudnn()
@@ -550,12 +560,16 @@ class LSTM(keras.layers.LSTM):
                 self._record_path("cudnn")
                 return cudnn()
             self._record_path("fused")
-            return fused()
+            return self._run_fused(sequences, initial_state, mask, training)
         # In a graph the mask is only known at run time: both branches are built
         # and the check picks one per call.
         self._record_path("cudnn")
         logger.info("LSTM layer '%s': masks that are not right-padded run the fused path",
                     self.name)
+        def fused():
+            return self._run_fused(sequences, initial_state, mask, training,
+                                   function_boundary=True)
+
         last, outputs, states = tf.cond(
             ok, lambda: _flatten_result(cudnn()), lambda: _flatten_result(fused()))
         return last, outputs, list(states)
@@ -577,7 +591,7 @@ class LSTM(keras.layers.LSTM):
             xw = xw + bias
         return xw, mask_tm
 
-    def _run_fused(self, sequences, initial_state, mask, training):
+    def _run_fused(self, sequences, initial_state, mask, training, function_boundary=False):
         compute_dtype = sequences.dtype
         # Half precision gains nothing on CPU and loses accuracy over long
         # sequences: run the recurrence in float32 and cast the results back.
@@ -590,10 +604,13 @@ class LSTM(keras.layers.LSTM):
             zero_output=bool(self.zero_output_for_mask) and mask_tm is not None,
             return_sequences=self.return_sequences, activation=self.activation,
             recurrent_activation=self.recurrent_activation, training=bool(training),
-            shards=shard_count(sequences.shape[0], self.units))
+            shards=shard_count(sequences.shape[0], self.units),
+            function_boundary=function_boundary)
         if self.return_sequences:
             last = outputs[-1]
             outputs = tf.transpose(outputs, (1, 0, 2))
+            # The XLA call's output signature may have relaxed the time axis.
+            outputs = tf.ensure_shape(outputs, [None, sequences.shape[1], self.units])
         else:
             last = outputs
             outputs = outputs[:, None]
