@@ -55,7 +55,8 @@ def _is_elementwise(fn) -> bool:
 
 # ---------------------------------------------------------------------------
 # Fused kernels. All work on time-major tensors:
-#   xw   (T, B, 4U)  input projection x_t @ kernel + bias for every step
+#   xw   (T, B, 4U)  input projection x_t @ kernel for every step
+#   b    (4U,)       bias, added inside the loop's gate arithmetic (free there)
 #   r    (U, 4U)     recurrent kernel
 #   mask (T, B, 1)   bool, or None
 # Output convention follows keras.backend.rnn: a masked step keeps the previous
@@ -74,7 +75,7 @@ def _gate_values(z, activation, recurrent_activation):
 
 
 def _recurrence(
-    xw, r, h0, c0, mask, *, zero_output, return_sequences, save, activation,
+    xw, b, r, h0, c0, mask, *, zero_output, return_sequences, save, activation,
     recurrent_activation,
 ):
     """The forward loop. Returns (outputs, h, c, saved).
@@ -97,7 +98,7 @@ def _recurrence(
         # The next step's projection rides in the loop state: reading it here,
         # outside the gate arithmetic, keeps XLA's gate fusion vectorised.
         x_next = xw_ta.read(tf.minimum(t + 1, steps - 1))
-        z = x_t + tf.matmul(h, r)
+        z = x_t + b + tf.matmul(h, r)
         i, f, g, o = _gate_values(z, activation, recurrent_activation)
         c_new = f * c + i * g
         h_new = o * activation(c_new)
@@ -159,10 +160,11 @@ def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_se
               activation, recurrent_activation):
     """Backpropagation through time for elementwise activations.
 
-    Returns (d_xw (T, B, 4U), d_r (U, 4U), d_h0, d_c0). Everything that does not
-    depend on the recurrence (the gate derivatives) is computed for all steps
-    at once before the loop, packed one row per step; the loop keeps only the
-    elementwise chain and d_z @ r^T. d_r is one matrix product afterwards.
+    Returns (d_xw (T, B, 4U), d_r (U, 4U), d_b (4U,), d_h0, d_c0). Everything
+    that does not depend on the recurrence (the gate derivatives) is computed
+    for all steps at once before the loop, packed one row per step; the loop
+    keeps only the elementwise chain and d_z @ r^T. d_r and d_b are one matrix
+    product afterwards ([h_prev, 1]^T @ d_z), a single pass over d_z.
     """
     steps = tf.shape(saved)[0]
     units = h0.shape[-1]
@@ -233,9 +235,10 @@ def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_se
     )
     dz = dz_ta.stack()
     h_prev = tf.concat([h0[None], h[:-1]], axis=0)
-    d_r = tf.matmul(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]),
-                    transpose_a=True)
-    return dz, d_r, dh0, dc0
+    h_prev = tf.concat([h_prev, tf.ones_like(h_prev[..., :1])], axis=-1)
+    d_rb = tf.matmul(tf.reshape(h_prev, [-1, units + 1]), tf.reshape(dz, [-1, 4 * units]),
+                     transpose_a=True)
+    return dz, d_rb[:units], d_rb[units], dh0, dc0
 
 
 _compiled_recurrence = tf.function(_recurrence, jit_compile=True, autograph=False)
@@ -261,18 +264,24 @@ _MAX_SHARDS = 2
 _MIN_SHARD_ROWS = 8
 
 
-def _split_batch(tensor, shards: int, axis: int):
+def split_batch(tensor, shards: int, axis: int = 0) -> list:
     """`shards` slices along the batch axis; sizes differ by at most one (may be 0)."""
     if tensor is None:
         return [None] * shards
+    if shards == 1:
+        return [tensor]
     batch = tf.shape(tensor)[axis]
     sizes = [(batch + shards - 1 - k) // shards for k in range(shards)]
     return tf.split(tensor, tf.stack(sizes), axis=axis)
 
 
-def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
-           recurrent_activation, training, shards=1, function_boundary=False):
-    """The fused recurrence with its hand-written gradient, over batch shards.
+def _fused(xws, b, r, h0s, c0s, masks, *, zero_output, return_sequences, activation,
+           recurrent_activation, training, function_boundary=False):
+    """The fused recurrence over batch shards, with its hand-written gradient.
+
+    ``xws``, ``h0s``, ``c0s`` and ``masks`` hold one entry per shard (``masks``
+    may be None): each shard is its own XLA call, and TensorFlow runs the calls
+    side by side. Returns (result, h, c) joined along the batch axis.
 
     Training saves one packed row per step for the backward pass. Inference
     runs the lean loop; if a gradient is asked for all the same (saliency,
@@ -282,21 +291,25 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
     """
     loop = dict(zero_output=zero_output, activation=activation,
                 recurrent_activation=recurrent_activation)
+    shards = len(xws)
+    masks = [None] * shards if masks is None else list(masks)
+    has_mask = masks[0] is not None
     seq_axis = 1 if return_sequences else 0  # batch axis of the result
 
     @tf.custom_gradient
-    def run(xw, r, h0, c0, *optional_mask):
-        mask = optional_mask[0] if optional_mask else None
+    def run(*args):
         # Keep the tape out of the XLA functions: it would ask them for their
         # intermediates.
-        xw, r, h0, c0 = (tf.stop_gradient(t) for t in (xw, r, h0, c0))
-        parts = list(zip(_split_batch(xw, shards, 1), _split_batch(h0, shards, 0),
-                         _split_batch(c0, shards, 0), _split_batch(mask, shards, 1),
-                         strict=True))
+        args = [a if a.dtype == tf.bool else tf.stop_gradient(a) for a in args]
+        xws, (b, r), h0s, c0s = (args[:shards], args[shards:shards + 2],
+                                 args[shards + 2:2 * shards + 2],
+                                 args[2 * shards + 2:3 * shards + 2])
+        masks_ = args[3 * shards + 2:] if has_mask else [None] * shards
+        parts = list(zip(xws, h0s, c0s, masks_, strict=True))
         forward = [
-            _compiled_recurrence(p_xw, r, p_h0, p_c0, p_mask,
-                                 return_sequences=return_sequences, save=training, **loop)
-            for p_xw, p_h0, p_c0, p_mask in parts
+            _compiled_recurrence(xw, b, r, h0, c0, mask, return_sequences=return_sequences,
+                                 save=training, **loop)
+            for xw, h0, c0, mask in parts
         ]
         result = tf.concat([f[0] for f in forward], axis=seq_axis)
         h = tf.concat([f[1] for f in forward], axis=0)
@@ -307,23 +320,23 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
             d_h = tf.zeros_like(h) if d_h is None else d_h
             d_c = tf.zeros_like(c) if d_c is None else d_c
             grads = []
-            for (p_xw, p_h0, p_c0, p_mask), fwd, p_dres, p_dh, p_dc in zip(
-                parts, forward, _split_batch(d_result, shards, seq_axis),
-                _split_batch(d_h, shards, 0), _split_batch(d_c, shards, 0), strict=True,
+            for (xw, h0, c0, mask), fwd, dres, dh, dc in zip(
+                parts, forward, split_batch(d_result, shards, seq_axis),
+                split_batch(d_h, shards), split_batch(d_c, shards), strict=True,
             ):
                 rows = fwd[3]
                 if rows is None:
-                    rows = _compiled_recurrence(p_xw, r, p_h0, p_c0, p_mask,
+                    rows = _compiled_recurrence(xw, b, r, h0, c0, mask,
                                                 return_sequences=return_sequences,
                                                 save=True, **loop)[3]
-                grads.append(_compiled_backward(p_dres, p_dh, p_dc, rows, p_h0, p_c0, r,
-                                                p_mask, return_sequences=return_sequences,
-                                                **loop))
-            d_xw = tf.concat([g[0] for g in grads], axis=1)
+                grads.append(_compiled_backward(dres, dh, dc, rows, h0, c0, r, mask,
+                                                return_sequences=return_sequences, **loop))
+            d_xws = [g[0] for g in grads]
             d_r = tf.add_n([g[1] for g in grads])
-            d_h0 = tf.concat([g[2] for g in grads], axis=0)
-            d_c0 = tf.concat([g[3] for g in grads], axis=0)
-            return (d_xw, d_r, d_h0, d_c0) + (None,) * len(optional_mask)
+            d_b = tf.add_n([g[2] for g in grads])
+            d_h0s = [g[3] for g in grads]
+            d_c0s = [g[4] for g in grads]
+            return d_xws + [d_b, d_r] + d_h0s + d_c0s + [None] * (shards if has_mask else 0)
 
         return (result, h, c), grad
 
@@ -334,7 +347,7 @@ def _fused(xw, r, h0, c0, mask, *, zero_output, return_sequences, activation,
         # a function boundary makes TF prepare second-order gradients, which
         # would trace into the XLA loops.
         run = tf.function(run, autograph=False)
-    return run(xw, r, h0, c0, *([] if mask is None else [mask]))
+    return run(*xws, b, r, *h0s, *c0s, *(masks if has_mask else []))
 
 
 # ---------------------------------------------------------------------------
@@ -580,37 +593,52 @@ class LSTM(keras.layers.LSTM):
             ok, lambda: _flatten_result(cudnn()), lambda: _flatten_result(fused()))
         return last, outputs, list(states)
 
-    def _time_major_projection(self, x, mask, dtype):
-        """x (B, T, D) -> (x @ kernel + bias) as (T, B, 4U), and the mask as (T, B, 1).
+    def _time_major_projection(self, x, mask, kernel):
+        """x (B, T, D) -> x @ kernel as (T, B, 4U), and the mask as (T, B, 1).
 
-        One matrix product for all steps; both come back in processing order
-        (reversed for go_backwards).
+        One matrix product for all steps (the bias is added inside the loop);
+        both come back in processing order (reversed for go_backwards).
         """
-        kernel, _, bias = self._weights(dtype)
-        x_tm = tf.transpose(tf.cast(x, dtype), (1, 0, 2))
+        x_tm = tf.transpose(tf.cast(x, kernel.dtype), (1, 0, 2))
         mask_tm = None if mask is None else tf.transpose(tf.cast(mask, tf.bool))[..., None]
         if self.go_backwards:
             x_tm = tf.reverse(x_tm, [0])
             mask_tm = None if mask_tm is None else tf.reverse(mask_tm, [0])
-        xw = tf.einsum("tbd,dk->tbk", x_tm, kernel)
-        if bias is not None:
-            xw = xw + bias
+        # A 2-D product: its gradient runs faster than einsum's on CPU.
+        xw = tf.matmul(tf.reshape(x_tm, [-1, x_tm.shape[-1]]), kernel)
+        xw = tf.reshape(xw, tf.concat([tf.shape(x_tm)[:2], [4 * self.units]], axis=0))
         return xw, mask_tm
+
+    def _fused_inputs(self, sequences, initial_state, mask, dtype, shards: int):
+        """Per-shard projections, states and masks, plus bias and recurrent kernel.
+
+        The batch is split before the projection, so the large (T, B, 4U)
+        tensors are never split or joined.
+        """
+        kernel, recurrent, bias = self._weights(dtype)
+        if bias is None:
+            bias = tf.zeros([4 * self.units], dtype)
+        xws, masks = [], []
+        for x, m in zip(split_batch(sequences, shards), split_batch(mask, shards), strict=True):
+            xw, mask_tm = self._time_major_projection(x, m, kernel)
+            xws.append(xw)
+            masks.append(mask_tm)
+        h0s = split_batch(tf.cast(initial_state[0], dtype), shards)
+        c0s = split_batch(tf.cast(initial_state[1], dtype), shards)
+        return xws, bias, recurrent, h0s, c0s, (None if mask is None else masks)
 
     def _run_fused(self, sequences, initial_state, mask, training, function_boundary=False):
         compute_dtype = sequences.dtype
         # Half precision gains nothing on CPU and loses accuracy over long
         # sequences: run the recurrence in float32 and cast the results back.
         dtype = tf.float32 if compute_dtype in (tf.float16, tf.bfloat16) else compute_dtype
-        h0, c0 = (tf.cast(s, dtype) for s in initial_state)
-        _, recurrent, _ = self._weights(dtype)
-        xw, mask_tm = self._time_major_projection(sequences, mask, dtype)
+        xws, bias, recurrent, h0s, c0s, masks = self._fused_inputs(
+            sequences, initial_state, mask, dtype, shard_count(sequences.shape[0], self.units))
         outputs, h, c = _fused(
-            xw, recurrent, h0, c0, mask_tm,
-            zero_output=bool(self.zero_output_for_mask) and mask_tm is not None,
+            xws, bias, recurrent, h0s, c0s, masks,
+            zero_output=bool(self.zero_output_for_mask) and mask is not None,
             return_sequences=self.return_sequences, activation=self.activation,
             recurrent_activation=self.recurrent_activation, training=bool(training),
-            shards=shard_count(sequences.shape[0], self.units),
             function_boundary=function_boundary)
         if self.return_sequences:
             last = outputs[-1]
@@ -650,11 +678,11 @@ class LSTM(keras.layers.LSTM):
             initial_state = (
                 [tf.convert_to_tensor(s) for s in self.states] if self.stateful
                 else self.get_initial_state(tf.shape(x)[0]))
-        h0, c0 = (tf.cast(s, tf.float32) for s in initial_state)
-        _, recurrent, _ = self._weights(tf.float32)
-        xw, mask_tm = self._time_major_projection(x, mask, tf.float32)
+        (xw,), bias, recurrent, (h0,), (c0,), masks = self._fused_inputs(
+            x, initial_state, mask, tf.float32, shards=1)
+        mask_tm = None if masks is None else masks[0]
         _, _, _, saved = _compiled_recurrence(
-            xw, recurrent, h0, c0, mask_tm, zero_output=False, return_sequences=True,
+            xw, bias, recurrent, h0, c0, mask_tm, zero_output=False, return_sequences=True,
             save=True, activation=self.activation,
             recurrent_activation=self.recurrent_activation,
         )
