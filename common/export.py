@@ -43,7 +43,8 @@ class ModelServing(tf.Module):
 
     For models whose input already is the raw input (e.g. price windows). The
     signature's argument is named after the model's `Input`; it returns
-    ``{"output": ...}``. Models with several inputs need their own module.
+    ``{"output": ...}``, or the model's own dict for a multi-output model.
+    Models with several inputs need their own module.
     """
 
     def __init__(self, model: keras.Model):
@@ -57,7 +58,8 @@ class ModelServing(tf.Module):
 
         @tf.function(input_signature=[spec])
         def serve(inputs):
-            return {"output": model(inputs, training=False)}
+            outputs = model(inputs, training=False)
+            return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 
         self.serve = serve
 

@@ -134,8 +134,9 @@ def _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_e
     # Variables (model and optimizer) must be created under the strategy.
     with strategy.scope():
         model = build_model()
+        # A mapping holds per-output metrics of a multi-output model.
         model.compile(optimizer=make_optimizer(config, steps_per_epoch), loss=loss,
-                      metrics=list(metrics))
+                      metrics=dict(metrics) if isinstance(metrics, Mapping) else list(metrics))
     return model
 
 
@@ -148,7 +149,7 @@ def train(
     test_data: Any = None,
     *,
     loss: Any,
-    metrics: Sequence[Any] = (),
+    metrics: Sequence[Any] | Mapping[str, Any] = (),
     monitor: str = "val_loss",
     mode: str = "min",
     data_source: str | None = None,

@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tiny_task
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -183,3 +184,22 @@ def test_config_from_args_ignores_app_flags():
 
     args = argparse.Namespace(epochs=4, batch_size=2, vocab=100, run_dir="r", resume=False)
     assert TrainConfig.from_args(args) == TrainConfig(epochs=4, batch_size=2)
+
+
+def test_multi_output_model_with_per_output_metrics(tmp_path):
+    def build():
+        x = keras.Input((4,), name="x")
+        return keras.Model(x, {"a": keras.layers.Dense(1, name="a")(x),
+                               "b": keras.layers.Dense(1, name="b")(x)})
+
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = {"a": x[:, :1], "b": x[:, 1:2]}
+    with open_run(tmp_path / "run", app="t", task="t") as run:
+        result = train(run, TrainConfig(epochs=1, batch_size=8), build, (x, y),
+                       loss={"a": "mse", "b": "mse"}, metrics={"a": ["mae"]})
+    assert "a_mae" in result.history
+    assert "b_mae" not in result.history
+    # The default serving module passes a dict of outputs through.
+    served = tf.saved_model.load(str(run.saved_model)).signatures["serving_default"](
+        x=tf.constant(x[:2]))
+    assert set(served) == {"a", "b"}
