@@ -19,10 +19,13 @@ This module imports neither TensorFlow nor Keras, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from common.errors import UserError
@@ -30,6 +33,18 @@ from common.errors import UserError
 # Must be set before TensorFlow is imported to silence its C++ start-up chatter;
 # apps import this module first. An explicit setting by the user wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What TensorFlow's C++ runtime prints at start-up whatever TF_CPP_MIN_LOG_LEVEL
+# says (absl logs before it is initialised). Dropped from stderr so that a
+# failure reads as our one line; everything else passes through.
+STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|Could not find cuda drivers on your machine"
+    r"|failed call to cuInit"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+)
 
 COMMANDS = ("train", "evaluate", "predict", "export")
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -281,7 +296,8 @@ def run_main(
     if getattr(args, "debug", False):
         return handler(args) or 0
     try:
-        return handler(args) or 0
+        with filtered_stderr(STARTUP_NOISE):
+            return handler(args) or 0
     except Exception as exc:  # noqa: BLE001  (the point: no raw tracebacks)
         message, code = describe_error(exc)
     except KeyboardInterrupt as exc:
@@ -289,6 +305,41 @@ def run_main(
     sys.stdout.flush()
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
+    """Route file descriptor 2 through a filter dropping lines that match `noise`.
+
+    Works at the descriptor level, because the chatter comes from C++ and from
+    child processes, not from Python's `sys.stderr`.
+    """
+    try:
+        original = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not noise.search(line.decode("utf-8", "replace")):
+                    os.write(original, line)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes our write end: the reader sees EOF
+        # A child process still holding the pipe must not block the exit.
+        thread.join(timeout=2)
+        os.close(original)
 
 
 def print_json(obj: Mapping[str, Any]) -> None:

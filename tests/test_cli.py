@@ -133,3 +133,23 @@ def test_an_app_cli_error_is_one_line_on_stderr(tmp_path):
     assert ours == [f"tiny_task: error: --run-dir {tmp_path / 'nope'}: no such run directory"]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_tensorflow_startup_chatter_does_not_reach_stderr():
+    # TensorFlow's C++ runtime logs at import and device start-up whatever
+    # TF_CPP_MIN_LOG_LEVEL says; a failure after that must still read as one line.
+    script = (
+        "import argparse, sys\n"
+        "from common.cli import run_main\n"
+        "from common.errors import UserError\n"
+        "def handler(args):\n"
+        "    import tensorflow as tf\n"
+        "    tf.function(lambda x: x + 1, jit_compile=True)(tf.constant(1.0))\n"
+        "    print('kept', file=sys.stderr)\n"
+        "    raise UserError('data.csv, line 3: expected a number')\n"
+        "sys.exit(run_main(argparse.ArgumentParser(prog='app'), handler, []))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["kept", "app: error: data.csv, line 3: expected a number"]
