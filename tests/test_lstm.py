@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import os
 
 import keras
 import numpy as np
@@ -1105,3 +1106,73 @@ def test_gate_activations_mixed_precision():
                rtol=1e-2)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+# ---------------------------------------------------------------------------
+# batch shards: from 16 rows the fused path splits the batch across cores
+# ---------------------------------------------------------------------------
+
+SHARDED_BATCH = 19  # odd on purpose: the two shards differ in size
+
+
+def _sharded_mask(batch=SHARDED_BATCH, steps=T):
+    mask = np.ones((batch, steps), bool)
+    mask[0, 4:] = False   # right-padded
+    mask[7, :2] = False   # left-padded
+    mask[12, 3] = False   # a gap
+    mask[18, :] = False   # fully masked row, in the second shard
+    return mask
+
+
+def test_batch_of_sixteen_or_more_is_sharded():
+    cores = len(os.sched_getaffinity(0))
+    assert lstm_mod.shard_count(SHARDED_BATCH, U) == min(2, cores)
+    assert lstm_mod.shard_count(None, U) == min(2, cores)  # unknown batch: split, may be empty
+    assert lstm_mod.shard_count(4, U) == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kwargs,use_mask", [
+    ({}, False),
+    ({"return_sequences": True, "return_state": True}, True),
+    ({"return_sequences": True, "go_backwards": True}, True),
+    ({"return_sequences": True, "use_bias": False}, False),
+])
+def test_parity_with_batch_shards(kwargs, use_mask, training):
+    ours, ref = _pair(**kwargs)
+    x = _inputs(batch=SHARDED_BATCH)
+    mask = _sharded_mask() if use_mask else None
+    init = [np.random.default_rng(5).normal(size=(SHARDED_BATCH, U)).astype("float32")
+            for _ in range(2)]
+    _assert_parity(ours, ref, x, mask=mask, initial_state=init, training=training)
+
+
+def test_sharded_parity_with_a_dynamic_batch_in_a_graph():
+    ours, ref = _pair(return_sequences=True)
+    x = tf.constant(_inputs(batch=SHARDED_BATCH))
+    mask = tf.constant(_sharded_mask())
+
+    def run(layer):
+        @tf.function(input_signature=[tf.TensorSpec((None, T, F)), tf.TensorSpec((None, T), tf.bool)])
+        def step(x, mask):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = _loss(_as_list(layer(x, mask=mask, training=True)))
+            return loss, tape.gradient(loss, [x] + layer.trainable_weights)
+        return step(x, mask)
+
+    (loss_o, grads_o), (loss_r, grads_r) = run(ours), run(ref)
+    _close(loss_o, loss_r, ATOL, RTOL, what="loss")
+    for k, (a, b) in enumerate(zip(grads_o, grads_r, strict=True)):
+        _close(a, b, 1e-4, RTOL, what=f"gradient {k}")
+
+
+def test_sharded_stateful_and_bidirectional_fit():
+    x = _inputs(batch=32, seed=3)
+    y = np.random.default_rng(4).normal(size=(32, 1)).astype("float32")
+    for layer in (LSTM(U, stateful=True), keras.layers.Bidirectional(LSTM(U))):
+        model = keras.Sequential([keras.Input((T, F), batch_size=16), layer,
+                                  keras.layers.Dense(1)])
+        model.compile("adam", "mse")
+        losses = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["loss"]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
