@@ -1,0 +1,223 @@
+"""Models, losses, decoders and serving modules for the two speech tasks.
+
+words:  MFCC frames (padded, masked) -> (Bi)LSTM stack -> softmax over labels
+digits: MFCC frames (padded, masked) -> BiLSTM stack -> per-frame logits over
+        10 digits + CTC blank (the last class) -> CTC loss; greedy or beam decoding
+
+Both serving modules take a raw float32 waveform at the model's sample rate
+and compute the MFCCs in-graph (`features.tf_batch_features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from apps.speech.features import FeatureConfig, graph_constants, tf_batch_features
+from common.lstm import LSTM
+
+DIGITS = "0123456789"
+BLANK = len(DIGITS)  # CTC blank = last class, as tf.nn.ctc_*_decoder expect
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    units: int = 64
+    layers: int = 2
+    bidirectional: bool = True
+    dropout: float = 0.2
+
+
+def _recurrent_stack(x, cfg: ModelConfig, *, last_returns_sequences: bool):
+    for i in range(cfg.layers):
+        sequences = last_returns_sequences or i < cfg.layers - 1
+        layer = LSTM(cfg.units, return_sequences=sequences, name=f"lstm_{i}")
+        if cfg.bidirectional:
+            layer = keras.layers.Bidirectional(layer, name=f"bilstm_{i}")
+        x = layer(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    return x
+
+
+def build_word_model(frames: int, dim: int, n_classes: int, cfg: ModelConfig) -> keras.Model:
+    """(batch, frames, dim) zero-padded MFCCs -> class probabilities."""
+    inputs = keras.Input((frames, dim), name="mfcc")
+    # Padding frames are all zeros; a real normalised frame never is.
+    x = keras.layers.Masking(0.0, name="mask")(inputs)
+    x = _recurrent_stack(x, cfg, last_returns_sequences=False)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities",
+                                 dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="speech_words")
+
+
+@keras.saving.register_keras_serializable(package="lstm_suite")
+class DropMask(keras.layers.Layer):
+    """Identity that ends the Keras mask.
+
+    Without it Keras would weight the per-utterance CTC loss by the per-frame
+    mask of the logits (and fail on the shapes); CTC gets the lengths itself.
+    """
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def call(self, inputs):
+        # A new tensor: the input one carries the mask as an attribute.
+        return tf.identity(inputs)
+
+
+def build_ctc_model(dim: int, cfg: ModelConfig) -> keras.Model:
+    """(batch, frames, dim) zero-padded MFCCs -> per-frame logits (10 digits + blank)."""
+    inputs = keras.Input((None, dim), name="mfcc")
+    x = keras.layers.Masking(0.0, name="mask")(inputs)
+    x = _recurrent_stack(x, cfg, last_returns_sequences=True)
+    x = keras.layers.Dense(len(DIGITS) + 1, name="logits", dtype="float32")(x)
+    outputs = DropMask(name="unmasked", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="speech_digits")
+
+
+@keras.saving.register_keras_serializable(package="lstm_suite")
+def ctc_loss(y_true, logits):
+    """CTC loss per example; y_true = [frame count, digit, ..., -1 padding]."""
+    y_true = tf.cast(y_true, tf.int32)
+    frames, labels = y_true[:, 0], y_true[:, 1:]
+    label_length = tf.reduce_sum(tf.cast(labels >= 0, tf.int32), axis=1)
+    loss = tf.nn.ctc_loss(labels=tf.maximum(labels, 0), logits=tf.cast(logits, tf.float32),
+                          label_length=label_length, logit_length=frames,
+                          logits_time_major=False, blank_index=BLANK)
+    # Per frame of label, so the scale does not grow with the string length.
+    return loss / tf.cast(tf.maximum(label_length, 1), tf.float32)
+
+
+def ctc_targets(strings: Sequence[str], frames: Sequence[int], max_digits: int) -> np.ndarray:
+    out = np.full((len(strings), 1 + max_digits), -1, np.int32)
+    for i, (s, n) in enumerate(zip(strings, frames)):
+        out[i, 0] = n
+        out[i, 1:1 + len(s)] = [int(d) for d in s]
+    return out
+
+
+def decode(logits, lengths, *, beam_width: int = 0):
+    """Digit strings (tf.string, (batch,)) from logits (batch, frames, 11).
+
+    beam_width 0 decodes greedily; otherwise `tf.nn.ctc_beam_search_decoder`.
+    """
+    time_major = tf.transpose(tf.cast(logits, tf.float32), [1, 0, 2])
+    lengths = tf.cast(lengths, tf.int32)
+    if beam_width > 0:
+        decoded, _ = tf.nn.ctc_beam_search_decoder(time_major, lengths, beam_width=beam_width,
+                                                   top_paths=1)
+    else:
+        decoded, _ = tf.nn.ctc_greedy_decoder(time_major, lengths)
+    sparse = tf.SparseTensor(decoded[0].indices, decoded[0].values,
+                             [tf.shape(logits, out_type=tf.int64)[0],
+                              tf.maximum(decoded[0].dense_shape[1], 1)])
+    ragged = tf.RaggedTensor.from_sparse(sparse)
+    chars = tf.gather(tf.constant(list(DIGITS)), ragged)
+    return tf.strings.reduce_join(chars, axis=-1)
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def digit_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
+    """Word (digit) error rate and sequence accuracy."""
+    errors = sum(edit_distance(t, p) for t, p in zip(truth, predicted))
+    words = sum(len(t) for t in truth)
+    exact = sum(t == p for t, p in zip(truth, predicted))
+    return {"wer": errors / max(words, 1), "sequence_accuracy": exact / max(len(truth), 1),
+            "utterances": len(truth)}
+
+
+# -- serving -----------------------------------------------------------------------
+
+
+def _waveform_spec():
+    return tf.TensorSpec([None, None], tf.float32, name="waveform")
+
+
+class WordServing(tf.Module):
+    """waveform (batch, samples) at the model's rate -> probabilities, label, probability.
+
+    Rows of a batch are zero-padded to the same length; the padding is trimmed
+    as silence.
+    """
+
+    def __init__(self, model: keras.Model, features: FeatureConfig, labels: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.labels = tf.constant(list(labels))
+        frames = int(model.inputs[0].shape[1])
+        constants = graph_constants(features)
+
+        @tf.function(input_signature=[_waveform_spec()])
+        def serve(waveform):
+            x, _ = tf_batch_features(waveform, features, constants, max_frames=frames)
+            probabilities = self.model(x, training=False)
+            best = tf.argmax(probabilities, axis=-1)
+            return {"probabilities": probabilities, "label": tf.gather(self.labels, best),
+                    "probability": tf.reduce_max(probabilities, axis=-1)}
+
+        self.serve = serve
+
+
+class DigitServing(tf.Module):
+    """waveform (batch, samples) at the model's rate -> digits (string per row)."""
+
+    def __init__(self, model: keras.Model, features: FeatureConfig, beam_width: int = 8):
+        super().__init__()
+        self.model = model
+        constants = graph_constants(features)
+
+        @tf.function(input_signature=[_waveform_spec()])
+        def serve(waveform):
+            x, lengths = tf_batch_features(waveform, features, constants)
+            logits = self.model(x, training=False)
+            return {"digits": decode(logits, lengths, beam_width=beam_width),
+                    "frames": lengths}
+
+        self.serve = serve
+
+
+# -- augmentation (tf.data, on cached MFCC frames) ------------------------------------
+
+
+def augment_fn(seed: int, noise: float, shift: int, gain: float):
+    """A tf.data map function that perturbs (features, label) training pairs.
+
+    Works on the cached, normalised MFCCs (so the cache stays valid): random time
+    shift (drop up to `shift` leading frames, the sequence moves left), additive
+    Gaussian noise of std `noise`, and a random gain: every feature scaled by
+    a factor in [1 - gain, 1 + gain]. Padding frames stay exactly zero.
+    """
+    def augment(x, y):
+        frames = tf.shape(x)[0]
+        valid = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
+        length = tf.reduce_sum(tf.cast(valid, tf.int32))
+        if shift > 0:
+            k = tf.random.uniform([], 0, shift + 1, dtype=tf.int32)
+            k = tf.minimum(k, tf.maximum(length - 4, 0))
+            x = tf.concat([x[k:], tf.zeros_like(x[:k])], axis=0)
+            length = length - k
+        mask = tf.cast(tf.range(frames) < length, x.dtype)[:, None]
+        if gain > 0:
+            x = x * tf.random.uniform([], 1.0 - gain, 1.0 + gain)
+        if noise > 0:
+            x = x + tf.random.normal(tf.shape(x), stddev=noise)
+        # Keep padding exactly zero (the mask) and real frames non-zero.
+        x = tf.where(tf.equal(x, 0.0), 1e-6, x) * mask
+        return x, y
+
+    del seed  # the global seed set by common.training seeds tf.random
+    return augment

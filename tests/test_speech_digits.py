@@ -1,0 +1,74 @@
+"""digits: the connected-digit corpus, CTC decoding and metrics, and a tiny run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from apps.speech import data
+from apps.speech.__main__ import main
+from apps.speech.model import BLANK, decode, digit_metrics, edit_distance
+
+
+def test_corpus_is_deterministic_and_one_speaker_each():
+    clips = data.fsdd_clips(data.SAMPLES)
+    a = data.connected_digits(clips, 6, seed=3, sample_rate=8000, max_digits=4)
+    b = data.connected_digits(clips, 6, seed=3, sample_rate=8000, max_digits=4)
+    c = data.connected_digits(clips, 6, seed=4, sample_rate=8000, max_digits=4)
+    assert [u.digits for u in a] == [u.digits for u in b]
+    assert all(np.array_equal(x.waveform, y.waveform) for x, y in zip(a, b))
+    assert [u.digits for u in a] != [u.digits for u in c]
+    assert all(1 <= len(u.digits) <= 4 and u.digits.isdigit() for u in a)
+    one = data.connected_digits([x for x in clips if x.speaker == "george"], 3, seed=0,
+                                sample_rate=8000)
+    assert {u.speaker for u in one} == {"george"}
+
+
+def test_decoders_and_metrics():
+    # frames: 3 3 blank 3 1 1 -> "331"
+    path = [3, 3, BLANK, 3, 1, 1, BLANK, BLANK]
+    logits = np.full((1, len(path), BLANK + 1), -5.0, np.float32)
+    logits[0, np.arange(len(path)), path] = 5.0
+    for width in (0, 4):
+        assert decode(tf.constant(logits), [6], beam_width=width).numpy()[0] == b"331"
+    assert decode(tf.constant(logits[:, :0 + 2]), [2]).numpy()[0] == b"3"
+    assert edit_distance("1234", "1245") == 2 and edit_distance("", "12") == 2
+    m = digit_metrics(["123", "45"], ["123", "4"])
+    assert m["wer"] == pytest.approx(1 / 5) and m["sequence_accuracy"] == 0.5
+
+
+CHILD = """
+import sys, numpy as np, tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+t = np.arange(4000) / 8000.0
+out = serve(waveform=tf.constant((0.3 * np.sin(2 * np.pi * 200 * t))[None], tf.float32))
+assert not any(m.split(".")[0] in ("apps", "common") for m in sys.modules)
+print(repr(out["digits"].numpy()[0].decode()))
+"""
+
+
+def test_tiny_digits_run(tmp_path, capsys):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["digits", "train", "--run-dir", str(run_dir), "--cache-dir", str(cache),
+                 "--epochs", "1", "--units", "8", "--layers", "1", "--utterances", "16",
+                 "--test-utterances", "4", "--max-digits", "2", "--batch-size", "8"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_transcription"]["utterances"] == 4
+    capsys.readouterr()
+    assert main(["digits", "evaluate", "--run-dir", str(run_dir), "--cache-dir", str(cache),
+                 "--json", "--beam-width", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["test_speakers"] == ["nicolas"] and out["utterances"] == 4
+    assert out["wer"] >= 0 and 0 <= out["sequence_accuracy"] <= 1
+    assert main(["digits", "predict", "--run-dir", str(run_dir),
+                 str(sorted(data.SAMPLES.glob("*.wav"))[0])]) == 0
+    name, digits = (capsys.readouterr().out.strip().split("\t") + [""])[:2]
+    assert name.endswith(".wav") and set(digits) <= set("0123456789")
+    result = subprocess.run([sys.executable, "-c", CHILD, str(run_dir / "saved_model")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = eval(result.stdout.strip().splitlines()[-1])
+    assert isinstance(served, str) and set(served) <= set("0123456789")

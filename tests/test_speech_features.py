@@ -1,0 +1,91 @@
+"""MFCC features: librosa vs tf.signal, the cache, and unusable audio."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from apps.speech import features as F
+from apps.speech.data import SAMPLES
+
+CFG = F.FeatureConfig(sample_rate=8000)
+FILES = sorted(SAMPLES.glob("*.wav"))
+
+
+def test_tf_signal_matches_librosa_on_real_recordings():
+    constants = F.graph_constants(CFG)
+    for path in FILES[::9]:  # 10 recordings, 3 speakers
+        y = F.load_audio(path, CFG.sample_rate)
+        want = F.mfcc(y, CFG, name=str(path))
+        got = F.tf_features(y, CFG, constants).numpy()
+        assert got.shape == want.shape, path
+        # The tolerance the docs state; measured ~2e-5.
+        np.testing.assert_allclose(got, want, atol=1e-3, err_msg=str(path))
+
+
+def test_batch_features_match_single_and_trim_padding():
+    constants = F.graph_constants(CFG)
+    waves = [F.load_audio(p, CFG.sample_rate) for p in FILES[:3]]
+    batch = np.zeros((3, max(map(len, waves)) + 800), np.float32)
+    for i, w in enumerate(waves):
+        batch[i, :len(w)] = w
+    x, lengths = F.tf_batch_features(batch, CFG, constants, max_frames=150)
+    assert x.shape == (3, 150, CFG.dim)
+    for i, w in enumerate(waves):
+        single = F.mfcc(w, CFG)
+        # Trailing zero padding is trimmed as silence, up to the half window
+        # a centred frame reaches past the clip's end.
+        assert 0 <= int(lengths[i]) - len(single) <= -(-CFG.n_fft // (2 * CFG.hop)) + 1
+        assert np.all(x[i, int(lengths[i]):] == 0)
+
+
+def test_cache_hits_second_time_and_is_npz(tmp_path, monkeypatch):
+    cache = F.FeatureCache(tmp_path, CFG)
+    first = cache.file_features(FILES[0])
+    stored = list(tmp_path.rglob("*.npz"))
+    assert len(stored) == 1
+    np.load(stored[0], allow_pickle=False)["mfcc"]  # no pickle needed
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(F, "mfcc", boom)
+    np.testing.assert_array_equal(F.FeatureCache(tmp_path, CFG).file_features(FILES[0]), first)
+    # other settings -> another key -> a miss
+    with pytest.raises(AssertionError, match="recomputed"):
+        F.FeatureCache(tmp_path, F.FeatureConfig(sample_rate=8000, n_mfcc=12)).file_features(
+            FILES[0])
+
+
+def test_stereo_and_other_rate_are_mixed_down_and_resampled(tmp_path):
+    y, rate = sf.read(FILES[0], dtype="float32")
+    stereo = np.stack([y, y], axis=1)
+    path = tmp_path / "stereo.flac"
+    sf.write(path, stereo, rate)
+    out = F.load_audio(path, 16000)
+    assert out.ndim == 1 and abs(len(out) - 2 * len(y)) <= 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"RIFF\x00\x00garbage-not-a-wave" * 3, "not readable as audio"),
+])
+def test_bad_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.wav"
+    path.write_bytes(content)
+    with pytest.raises(F.AudioError, match=f"bad.wav.*{message}"):
+        F.load_audio(path, 8000)
+    with pytest.raises(F.AudioError, match="no such file"):
+        F.load_audio(tmp_path / "missing.wav", 8000)
+
+
+def test_short_zero_length_and_silent_clips(tmp_path):
+    path = tmp_path / "short.wav"
+    sf.write(path, np.zeros(100, np.float32) + 0.1, 8000)
+    with pytest.raises(F.AudioError, match="short.wav.*shorter than one analysis window"):
+        F.FeatureCache(None, CFG).file_features(path)
+    path = tmp_path / "zero.wav"
+    sf.write(path, np.zeros(0, np.float32), 8000)
+    with pytest.raises(F.AudioError, match="zero.wav"):
+        F.load_audio(path, 8000)
+    with pytest.raises(F.AudioError, match="silent"):
+        F.mfcc(np.zeros(4000, np.float32), CFG, name="quiet")
