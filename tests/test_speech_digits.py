@@ -19,7 +19,7 @@ def test_corpus_is_deterministic_and_one_speaker_each():
     b = data.connected_digits(clips, 6, seed=3, sample_rate=8000, max_digits=4)
     c = data.connected_digits(clips, 6, seed=4, sample_rate=8000, max_digits=4)
     assert [u.digits for u in a] == [u.digits for u in b]
-    assert all(np.array_equal(x.waveform, y.waveform) for x, y in zip(a, b))
+    assert all(np.array_equal(x.waveform, y.waveform) for x, y in zip(a, b, strict=True))
     assert [u.digits for u in a] != [u.digits for u in c]
     assert all(1 <= len(u.digits) <= 4 and u.digits.isdigit() for u in a)
     one = data.connected_digits([x for x in clips if x.speaker == "george"], 3, seed=0,

@@ -86,8 +86,8 @@ def test_saved_model_on_raw_waveform_in_fresh_process(run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     served = json.loads(result.stdout.strip().splitlines()[-1])
 
-    from common.runs import load_keras
     from apps.speech.features import load_audio, mfcc, pad_sequences
+    from common.runs import load_keras
 
     settings = json.loads((run_dir / "config.json").read_text())["app_settings"]
     cfg = FeatureConfig.from_dict(settings["features"])

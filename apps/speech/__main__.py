@@ -18,8 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.cli import (build_parser, non_negative_float, non_negative_int, positive_float,
-                        positive_int, print_json, run_main)
+from common.cli import (
+    build_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_json,
+    run_main,
+)
 from common.errors import UserError
 
 APP = "speech"
@@ -412,7 +419,7 @@ def words_predict(args: argparse.Namespace) -> int:
     features, names, _, bad = _read_files(args.files, feat_cfg)
     model = run.load_model(compile=False)
     probs = model.predict(pad_sequences(features, settings["max_frames"]), verbose=0)
-    for name, p in zip(names, probs):
+    for name, p in zip(names, probs, strict=True):
         print(f"{name}\t{settings['labels'][int(p.argmax())]}\t{float(p.max()):.4f}")
     return 2 if bad else 0
 
@@ -529,7 +536,7 @@ def _transcribe(model, features, batch_size: int, beam_width: int) -> list[str]:
         x = pad_sequences([features[i] for i in chunk], frames)
         logits = model(x, training=False)
         strings = decode(logits, lengths, beam_width=beam_width).numpy()
-        for i, s in zip(chunk, strings):
+        for i, s in zip(chunk, strings, strict=True):
             out[i] = s.decode()
     return out
 
@@ -538,8 +545,14 @@ def digits_train(args: argparse.Namespace) -> int:
     import keras
 
     from apps.speech import data
-    from apps.speech.model import (DIGITS, DigitServing, build_ctc_model, ctc_loss,
-                                   ctc_targets, digit_metrics)
+    from apps.speech.model import (
+        DIGITS,
+        DigitServing,
+        build_ctc_model,
+        ctc_loss,
+        ctc_targets,
+        digit_metrics,
+    )
     from common import runs, training
     from common.runs import read_json, write_json
 
@@ -634,7 +647,7 @@ def digits_predict(args: argparse.Namespace) -> int:
     _, feat_cfg = _saved_settings(run)
     features, names, _, bad = _read_files(args.files, feat_cfg)
     model = run.load_model(compile=False)
-    for name, digits in zip(names, _transcribe(model, features, 16, args.beam_width)):
+    for name, digits in zip(names, _transcribe(model, features, 16, args.beam_width), strict=True):
         print(f"{name}\t{digits}")
     return 2 if bad else 0
 

@@ -127,7 +127,7 @@ def tfds_clips(name: str, data_dir: str | None = None) -> list[Clip]:
     names = info.features["label"].names
     rate = int(getattr(info.features["audio"], "sample_rate", None) or 16000)
     clips = []
-    for split, dataset in zip(SPLITS, splits):
+    for split, dataset in zip(SPLITS, splits, strict=True):
         for i, example in enumerate(tfds.as_numpy(dataset)):
             audio = np.asarray(example["audio"])
             if audio.dtype.kind in "iu":  # int16 PCM
@@ -297,12 +297,12 @@ def _join(pieces: list[np.ndarray], gaps: np.ndarray, rate: int) -> np.ndarray:
     lead = int(abs(gaps[0]) * rate)
     tail = int(abs(gaps[-1]) * rate)
     starts, pos = [], lead
-    for piece, gap in zip(pieces, gaps[1:]):
+    for piece, gap in zip(pieces, gaps[1:], strict=True):
         starts.append(pos)
         pos = max(pos + len(piece) + int(gap * rate), starts[-1] + 1)
-    total = max(s + len(p) for s, p in zip(starts, pieces)) + tail
+    total = max(s + len(p) for s, p in zip(starts, pieces, strict=True)) + tail
     y = np.zeros(total, np.float32)
-    for s, p in zip(starts, pieces):
+    for s, p in zip(starts, pieces, strict=True):
         y[s:s + len(p)] += p
     return y
 

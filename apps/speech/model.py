@@ -96,7 +96,7 @@ def ctc_loss(y_true, logits):
 
 def ctc_targets(strings: Sequence[str], frames: Sequence[int], max_digits: int) -> np.ndarray:
     out = np.full((len(strings), 1 + max_digits), -1, np.int32)
-    for i, (s, n) in enumerate(zip(strings, frames)):
+    for i, (s, n) in enumerate(zip(strings, frames, strict=True)):
         out[i, 0] = n
         out[i, 1:1 + len(s)] = [int(d) for d in s]
     return out
@@ -133,9 +133,9 @@ def edit_distance(a: str, b: str) -> int:
 
 def digit_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
     """Word (digit) error rate and sequence accuracy."""
-    errors = sum(edit_distance(t, p) for t, p in zip(truth, predicted))
+    errors = sum(edit_distance(t, p) for t, p in zip(truth, predicted, strict=True))
     words = sum(len(t) for t in truth)
-    exact = sum(t == p for t, p in zip(truth, predicted))
+    exact = sum(t == p for t, p in zip(truth, predicted, strict=True))
     return {"wer": errors / max(words, 1), "sequence_accuracy": exact / max(len(truth), 1),
             "utterances": len(truth)}
 
