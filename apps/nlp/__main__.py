@@ -1,0 +1,492 @@
+"""lstm-nlp: character-level text generation and sentiment classification.
+
+    python -m apps.nlp textgen train --run-dir runs/shakespeare [--data input.txt]
+    python -m apps.nlp textgen evaluate --run-dir runs/shakespeare --json
+    python -m apps.nlp textgen generate --run-dir runs/shakespeare --prime "ROMEO:" --length 300
+    python -m apps.nlp sentiment train --run-dir runs/reviews [--data reviews.csv]
+    python -m apps.nlp sentiment predict --run-dir runs/reviews "a wonderful film"
+
+Data loading and every check on the input happen before TensorFlow is imported
+and before the run directory is opened, so bad input fails fast and never
+touches an existing run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.cli import (
+    build_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    print_json,
+    run_main,
+)
+from common.errors import UserError
+
+APP = "nlp"
+
+TEXTGEN_DATA_HELP = ("a UTF-8 text file (see --encoding), or tfds:tiny_shakespeare; default: "
+                     "the bundled Shakespeare excerpt")
+SENTIMENT_DATA_HELP = ("a CSV (see --text-col/--label-col), a folder or file of the Pang & Lee "
+                       "rt-polarity.pos/.neg pair, or tfds:imdb_reviews; default: the bundled "
+                       "sample CSV")
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def top_p_value(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2, got {text}")
+    return value
+
+
+def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = text
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser, commands = build_parser(
+        "lstm-nlp", "Character-level text generation and sentiment classification with LSTMs.",
+        {"textgen": "learn a text character by character and generate more of it",
+         "sentiment": "classify short texts as positive or negative"},
+        predict_command={"textgen": "generate", "sentiment": "predict"},
+        train_defaults={"textgen": {"epochs": 200, "batch_size": 64, "learning_rate": 3e-3},
+                        "sentiment": {"epochs": 6, "batch_size": 64}})
+
+    # -- textgen
+    for command in ("train", "evaluate"):
+        sub = commands["textgen", command]
+        sub.add_argument("--encoding", default="utf-8",
+                         help="text encoding of --data files (e.g. cp1252, latin-1)")
+    _set_help(commands["textgen", "train"], "data", TEXTGEN_DATA_HELP)
+    _set_help(commands["textgen", "evaluate"], "data",
+              "text to evaluate on (all of it); default: the validation split (last 10%%) of "
+              "the training data")
+    train = commands["textgen", "train"]
+    train.add_argument("--seq-len", type=positive_int, default=100,
+                       help="characters per training window (backpropagation through time)")
+    train.add_argument("--embedding-dim", type=positive_int, default=64,
+                       help="size of the character embedding")
+    train.add_argument("--units", type=positive_int, default=256, help="units per LSTM layer")
+    train.add_argument("--layers", type=positive_int, default=1, help="number of stacked LSTMs")
+    train.add_argument("--dropout", type=unit_interval, default=0.0,
+                       help="dropout after each LSTM layer")
+    train.add_argument("--steps-per-epoch", type=non_negative_int, default=50,
+                       help="batches per epoch (random windows, reshuffled every epoch), so "
+                            "validation, checkpoints, samples and --max-minutes act often on "
+                            "big texts; 0 or more than one pass: one pass over the text")
+    train.add_argument("--stateful", action="store_true",
+                       help="char-rnn style: the text is cut into --batch-size contiguous "
+                            "streams and the LSTM state is carried from batch to batch")
+    train.add_argument("--sample-length", type=non_negative_int, default=300,
+                       help="characters of the sample written to TensorBoard after each epoch "
+                            "(0: none)")
+    gen = commands["textgen", "generate"]
+    gen.add_argument("--prime", default=None,
+                     help="text to start from (the model reads it first); default: a newline")
+    gen.add_argument("--length", type=non_negative_int, default=500,
+                     help="number of characters to generate")
+    gen.add_argument("--temperature", type=non_negative_float, default=0.8,
+                     help="sampling temperature; 0 = always the most likely character")
+    gen.add_argument("--top-k", type=non_negative_int, default=0,
+                     help="sample only among the K most likely characters (0: all)")
+    gen.add_argument("--top-p", type=top_p_value, default=1.0,
+                     help="nucleus sampling: the smallest set of characters with this much "
+                          "probability (1.0: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+
+    # -- sentiment
+    for command in ("train", "evaluate", "predict"):
+        sub = commands["sentiment", command]
+        sub.add_argument("--encoding", default=None,
+                         help="encoding of the files; default: utf-8 for CSV and text files, "
+                              "cp1252 for rt-polarity files")
+    for command in ("train", "evaluate"):
+        sub = commands["sentiment", command]
+        sub.add_argument("--text-col", default="review", help="CSV column holding the text")
+        sub.add_argument("--label-col", default="sentiment", help="CSV column holding the label")
+        sub.add_argument("--positive-label", default=None,
+                         help="the label value meaning positive when it is not one of "
+                              "positive/pos/1/true/yes")
+    _set_help(commands["sentiment", "train"], "data", SENTIMENT_DATA_HELP)
+    _set_help(commands["sentiment", "evaluate"], "data",
+              "labelled data to evaluate on (all of it; same formats as train); default: the "
+              "test split of the training data")
+    train = commands["sentiment", "train"]
+    train.add_argument("--max-tokens", type=positive_int, default=20000,
+                       help="vocabulary size (most frequent words of the training split)")
+    train.add_argument("--max-len", type=positive_int, default=256,
+                       help="words per text: longer texts are cut, shorter ones padded")
+    train.add_argument("--embedding-dim", type=positive_int, default=64,
+                       help="size of the word embedding")
+    train.add_argument("--units", type=positive_int, default=64,
+                       help="units per direction of each bidirectional LSTM")
+    train.add_argument("--layers", type=positive_int, default=1,
+                       help="number of stacked bidirectional LSTMs")
+    train.add_argument("--dropout", type=unit_interval, default=0.3,
+                       help="dropout after each LSTM layer")
+    train.add_argument("--cv", type=at_least_two, default=None, metavar="K",
+                       help="K-fold cross-validation instead of one run: trains K models and "
+                            "writes per-fold and mean test metrics to RUN/cv.json")
+    predict = commands["sentiment", "predict"]
+    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("--file", metavar="PATH",
+                         help="classify every non-empty line of this file")
+    predict.add_argument("--json", action="store_true",
+                         help="print the results as one JSON object on the last line")
+    return parser
+
+
+# -- textgen ---------------------------------------------------------------------
+
+
+def textgen_handle(args: argparse.Namespace) -> int:
+    from apps.nlp import data as nlp_data
+    from common import runs
+
+    if args.command == "train":
+        return textgen_train(args)
+    run = runs.load_run(args.run_dir, app=APP, task="textgen")
+    settings = run.read_config().get("app_settings", {})
+    if args.command == "evaluate":
+        if args.data is not None:
+            text = nlp_data.load_text(args.data, args.encoding)
+            what = f"--data {args.data}"
+        else:
+            full = nlp_data.load_text(settings.get("data"), settings.get("encoding", "utf-8"))
+            text = nlp_data.split_text(full)[1]
+            what = "the validation split"
+        from apps.nlp import textgen
+
+        model = run.load_model()
+        config = textgen_config(settings)
+        ds = textgen.make_dataset(text, config, what)
+        for layer in model.layers:  # a stateful model starts from a zero state
+            if getattr(layer, "stateful", False):
+                layer.reset_states()
+        results = model.evaluate(ds, verbose=0, return_dict=True)
+        batch_shape = ds.element_spec[1].shape
+        metrics = {"loss_nats_per_char": float(results["loss"]),
+                   "bits_per_char": float(results["loss"]) / textgen.LN2,
+                   "characters": int(ds.cardinality()) * batch_shape[0] * batch_shape[1],
+                   "data": what}
+        if args.json:
+            print_json(metrics)
+        else:
+            print(f"{what}: {metrics['loss_nats_per_char']:.4f} nats/char, "
+                  f"{metrics['bits_per_char']:.4f} bits/char")
+    elif args.command == "generate":
+        import tensorflow as tf
+
+        from apps.nlp import textgen
+
+        generator = textgen.Generator(run.load_model(compile=False))
+        out = generator.sample(tf.constant(args.prime or ""), tf.constant(args.length),
+                               tf.constant(args.temperature), tf.constant(args.top_k),
+                               tf.constant(args.top_p), tf.constant(args.seed, tf.int64))
+        print(out["text"].numpy().decode("utf-8"))
+    elif args.command == "export":
+        from apps.nlp import textgen
+        from common.export import export_saved_model
+
+        generator = textgen.Generator(run.load_model(compile=False))
+        out = export_saved_model(generator, args.out or run.saved_model,
+                                 textgen.serving_sample(list(settings["vocabulary"])))
+        print(f"exported {out}")
+    return 0
+
+
+def textgen_config(settings: dict):
+    from apps.nlp.textgen import TextgenConfig
+
+    keys = TextgenConfig.__dataclass_fields__
+    return TextgenConfig(**{k: (tuple(v) if k == "vocabulary" else v)
+                            for k, v in settings.items() if k in keys})
+
+
+def textgen_train(args: argparse.Namespace) -> int:
+    from apps.nlp import data as nlp_data
+
+    text = nlp_data.load_text(args.data, args.encoding)
+    train_text, val_text = nlp_data.split_text(text)
+    vocabulary = nlp_data.build_vocabulary(train_text)
+    # Checked before TensorFlow loads: too little text fails in a second.
+    for part, what in ((train_text, "the training split (first 90%)"),
+                       (val_text, "the validation split (last 10%)")):
+        ids = nlp_data.encode(part, vocabulary)
+        if args.stateful:
+            nlp_data.make_streams(ids, args.seq_len, args.batch_size, f"--data: {what}")
+        else:
+            nlp_data.make_windows(ids, args.seq_len, f"--data: {what}")
+
+    from apps.nlp import textgen
+    from common import runs, training
+
+    config = textgen.TextgenConfig(
+        vocabulary=tuple(vocabulary), seq_len=args.seq_len, embedding_dim=args.embedding_dim,
+        units=args.units, layers=args.layers, dropout=args.dropout, stateful=args.stateful,
+        batch_size=args.batch_size)
+    train_ds = textgen.make_dataset(train_text, config, "the training split", shuffle=True,
+                                    seed=args.seed)
+    if args.steps_per_epoch and not args.stateful:
+        # take() restarts the (reshuffled) dataset each epoch: a fresh random sample.
+        train_ds = train_ds.take(args.steps_per_epoch)
+    val_ds = textgen.make_dataset(val_text, config, "the validation split")
+    settings = {**config.to_json(), "data": args.data, "encoding": args.encoding,
+                "steps_per_epoch": args.steps_per_epoch,
+                "characters": {"train": len(train_text), "validation": len(val_text)}}
+    with runs.open_run(args.run_dir, app=APP, task="textgen", resume=args.resume) as run:
+        callbacks = []
+        if args.stateful:
+            callbacks.append(textgen.ResetStates())
+        if args.sample_length:
+            callbacks.append(textgen.TextSamples(str(run.logs / "samples"), prime=val_text[:40],
+                                                 length=args.sample_length))
+        probe = next(iter(val_ds))[0][:4] if not args.stateful else None
+        result = training.train(
+            run, training.TrainConfig.from_args(args), lambda: textgen.build_model(config),
+            train_ds, val_ds, None, loss=textgen.loss_fn(), metrics=[textgen.bits_per_char],
+            data_source=args.data or str(nlp_data.SHAKESPEARE_SAMPLE), settings=settings,
+            serving=textgen.Generator, serving_sample=textgen.serving_sample(vocabulary),
+            probe_inputs=probe, extra_callbacks=callbacks)
+    val = result.metrics["validation"]
+    print(f"validation: {val['loss']:.4f} nats/char, {val['loss'] / textgen.LN2:.4f} bits/char "
+          f"after {result.metrics['epochs_completed']} epochs ({result.metrics['stopped']})")
+    return 0
+
+
+# -- sentiment -------------------------------------------------------------------
+
+
+def load_sentiment_splits(args: argparse.Namespace, data: str | None, seed: int):
+    """(train, validation, test) `Labelled` splits of --data."""
+    import numpy as np
+
+    from apps.nlp import data as nlp_data
+
+    name = nlp_data.tfds_name(data)
+    if name is not None:
+        x, y, tx, ty = nlp_data.load_tfds_reviews(name)
+        # TFDS has its own test split; 10% of its training split validates.
+        order = np.random.default_rng(seed).permutation(len(x))
+        cut = max(1, len(x) // 10)
+        full = nlp_data.Labelled(x, y)
+        return full.take(order[cut:]), full.take(order[:cut]), nlp_data.Labelled(tx, ty)
+    full = nlp_data.load_labelled(data, text_col=args.text_col, label_col=args.label_col,
+                                  encoding=args.encoding, positive_label=args.positive_label)
+    return nlp_data.split_labelled(full, seed)
+
+
+def sentiment_handle(args: argparse.Namespace) -> int:
+    from apps.nlp import data as nlp_data
+    from common import runs
+
+    if args.command == "train":
+        return sentiment_cv(args) if args.cv else sentiment_train(args)
+    run = runs.load_run(args.run_dir, app=APP, task="sentiment")
+    settings = run.read_config().get("app_settings", {})
+    if args.command == "evaluate":
+        if args.data is not None:
+            name = nlp_data.tfds_name(args.data)
+            if name is not None:
+                _, _, tx, ty = nlp_data.load_tfds_reviews(name)
+                test = nlp_data.Labelled(tx, ty)
+            else:
+                test = nlp_data.load_labelled(args.data, text_col=args.text_col,
+                                              label_col=args.label_col, encoding=args.encoding,
+                                              positive_label=args.positive_label)
+        else:
+            saved = argparse.Namespace(**settings["loader"])
+            test = load_sentiment_splits(saved, settings["data"], settings["split_seed"])[2]
+        from apps.nlp import sentiment
+
+        model = run.load_model(compile=False)
+        probs = sentiment.predict_texts(model, test.texts, args.batch_size)
+        metrics = sentiment.classification_metrics(test.labels, probs)
+        if args.json:
+            print_json(metrics)
+        else:
+            cm = metrics["confusion_matrix"]
+            auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
+            print(f"accuracy {metrics['accuracy']:.4f}  roc_auc {auc}  f1 {metrics['f1']:.4f}  "
+                  f"({metrics['examples']} examples)")
+            print("confusion matrix (rows: true negative/positive, columns: predicted)")
+            print(f"  {cm[0][0]:6d} {cm[0][1]:6d}\n  {cm[1][0]:6d} {cm[1][1]:6d}")
+    elif args.command == "predict":
+        texts = list(args.texts)
+        if args.file:
+            raw = nlp_data.read_bytes(args.file, "--file")
+            lines = nlp_data.split_lines(raw)
+            texts += [nlp_data.decode(line, args.encoding or "utf-8", f"--file {args.file} "
+                                      f"line {i}") for i, line in enumerate(lines, 1)
+                      if line.strip()]
+        if not texts:
+            raise UserError("nothing to classify: give texts as arguments or --file PATH")
+        from apps.nlp import sentiment
+
+        model = run.load_model(compile=False)
+        probs = sentiment.predict_texts(model, texts)
+        if args.json:
+            print_json({"probability": [float(p) for p in probs],
+                        "label": ["positive" if p >= 0.5 else "negative" for p in probs]})
+        else:
+            for text, p in zip(texts, probs, strict=True):
+                label = "positive" if p >= 0.5 else "negative"
+                print(f"{p:.3f}\t{label}\t{text}")
+    elif args.command == "export":
+        import tensorflow as tf
+
+        from apps.nlp import sentiment
+        from common.export import export_saved_model
+
+        out = export_saved_model(sentiment.Serving(run.load_model(compile=False)),
+                                 args.out or run.saved_model,
+                                 tf.constant(["a fine film", "dull and boring"]))
+        print(f"exported {out}")
+    return 0
+
+
+def _sentiment_config(args, texts):
+    from apps.nlp import sentiment
+
+    return sentiment.SentimentConfig(
+        vocabulary=sentiment.adapt_vocabulary(texts, args.max_tokens), max_len=args.max_len,
+        embedding_dim=args.embedding_dim, units=args.units, layers=args.layers,
+        dropout=args.dropout)
+
+
+def _loader_settings(args) -> dict:
+    return {"text_col": args.text_col, "label_col": args.label_col, "encoding": args.encoding,
+            "positive_label": args.positive_label}
+
+
+def sentiment_train(args: argparse.Namespace) -> int:
+    train, val, test = load_sentiment_splits(args, args.data, args.seed)
+
+    import keras
+    import tensorflow as tf
+
+    from apps.nlp import sentiment
+    from common import runs, training
+
+    config = _sentiment_config(args, train.texts)
+    settings = {**config.to_json(), "data": args.data, "split_seed": args.seed,
+                "loader": _loader_settings(args),
+                "examples": {"train": len(train), "validation": len(val), "test": len(test)}}
+    as_xy = lambda part: (sentiment.as_inputs(part.texts), part.labels.astype("float32"))  # noqa
+    with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
+        result = training.train(
+            run, training.TrainConfig.from_args(args), lambda: sentiment.build_model(config),
+            as_xy(train), as_xy(val), as_xy(test), loss="binary_crossentropy",
+            metrics=["accuracy", keras.metrics.AUC(name="auc")],
+            data_source=args.data or str(nlp_data_sample()), settings=settings,
+            serving=sentiment.Serving, serving_sample=tf.constant(test.texts[:4]))
+        probs = sentiment.predict_texts(result.model, test.texts)
+        metrics = {**result.metrics,
+                   "test_classification": sentiment.classification_metrics(test.labels, probs)}
+        runs.write_json(run.metrics, metrics)
+    cls = metrics["test_classification"]
+    print(f"test: accuracy {cls['accuracy']:.4f}, roc_auc {cls['roc_auc']}, f1 {cls['f1']:.4f} "
+          f"({len(test)} examples)")
+    return 0
+
+
+def nlp_data_sample() -> Path:
+    from apps.nlp.data import SENTIMENT_SAMPLE
+
+    return SENTIMENT_SAMPLE
+
+
+def sentiment_cv(args: argparse.Namespace) -> int:
+    """K-fold cross-validation: fold k tests a model trained on the other folds."""
+    from apps.nlp import data as nlp_data
+
+    if nlp_data.tfds_name(args.data):
+        raise UserError("--cv: use a local file (TFDS datasets come with their own test split)")
+    full = nlp_data.load_labelled(args.data, text_col=args.text_col, label_col=args.label_col,
+                                  encoding=args.encoding, positive_label=args.positive_label)
+    if len(full) < 2 * args.cv:
+        raise UserError(f"--cv {args.cv}: the data has only {len(full)} examples")
+    parts = nlp_data.folds(len(full), args.cv, args.seed)
+
+    import keras
+    import numpy as np
+
+    from apps.nlp import sentiment
+    from common import runs, training
+
+    config = training.TrainConfig.from_args(args)
+    results = []
+    with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
+        for k, test_idx in enumerate(parts):
+            rest = np.setdiff1d(np.arange(len(full)), test_idx)
+            # 10% of the training folds pick the best epoch; the test fold stays unseen.
+            rest = np.random.default_rng(args.seed + k).permutation(rest)
+            cut = max(1, len(rest) // 10)
+            train, val, test = full.take(rest[cut:]), full.take(rest[:cut]), full.take(test_idx)
+            training.set_seed(args.seed + k)
+            keras.backend.clear_session()
+            model_config = _sentiment_config(args, train.texts)
+            model = sentiment.build_model(model_config)
+            train_ds = training.as_dataset(
+                (sentiment.as_inputs(train.texts), train.labels.astype("float32")),
+                args.batch_size, shuffle=True, seed=args.seed + k)
+            model.compile(optimizer=training.make_optimizer(config, training.count_steps(
+                train_ds)), loss="binary_crossentropy", metrics=["accuracy"])
+            model.fit(train_ds, epochs=args.epochs, verbose=2,
+                      validation_data=training.as_dataset(
+                          (sentiment.as_inputs(val.texts), val.labels.astype("float32")),
+                          args.batch_size),
+                      callbacks=[keras.callbacks.EarlyStopping(
+                          patience=args.patience or args.epochs, restore_best_weights=True)])
+            probs = sentiment.predict_texts(model, test.texts)
+            fold = sentiment.classification_metrics(test.labels, probs)
+            results.append(fold)
+            print(f"fold {k + 1}/{args.cv}: accuracy {fold['accuracy']:.4f}", flush=True)
+        acc = np.array([r["accuracy"] for r in results])
+        summary = {"folds": args.cv, "accuracy_mean": float(acc.mean()),
+                   "accuracy_std": float(acc.std()), "per_fold": results,
+                   "data": args.data or str(nlp_data.SENTIMENT_SAMPLE),
+                   "settings": {k: v for k, v in vars(args).items()
+                                if isinstance(v, (int, float, str, bool, type(None)))}}
+        runs.write_json(run.root / "cv.json", summary)
+        runs.write_json(run.metrics, {"cv": {k: v for k, v in summary.items()
+                                             if k != "per_fold"}})
+    print(f"{args.cv}-fold accuracy {acc.mean():.4f} +- {acc.std():.4f}")
+    return 0
+
+
+# -- entry -------------------------------------------------------------------------
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.task == "textgen":
+        return textgen_handle(args)
+    return sentiment_handle(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(make_parser(), handle, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Binary sentiment classification: model, serving module and metrics.
+
+    raw strings -> TextVectorization -> Embedding(mask_zero) -> Bidirectional(LSTM) x N
+                -> Dense(1, sigmoid) = P(positive)
+
+The vectorizer is adapted on the training split only and lives inside the
+model, so model.keras and the SavedModel take raw strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common.lstm import LSTM
+
+
+@dataclass(frozen=True)
+class SentimentConfig:
+    """The model settings of a sentiment run (stored in config.json)."""
+
+    vocabulary: tuple[str, ...]
+    max_len: int = 256
+    embedding_dim: int = 64
+    units: int = 64
+    layers: int = 1
+    dropout: float = 0.3
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["vocabulary"] = len(self.vocabulary)  # the words are in model.keras
+        return d
+
+
+def adapt_vocabulary(texts: list[str], max_tokens: int) -> tuple[str, ...]:
+    """The vocabulary TextVectorization learns from `texts` (training split only)."""
+    vectorizer = keras.layers.TextVectorization(max_tokens=max_tokens)
+    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(512))
+    # Drop "" (padding) and "[UNK]": the layer adds them back itself.
+    return tuple(str(w) for w in vectorizer.get_vocabulary()[2:])
+
+
+def build_model(config: SentimentConfig) -> keras.Model:
+    """(batch,) strings -> (batch, 1) probability of the positive class."""
+    inputs = keras.Input(shape=(1,), dtype="string", name="text")
+    # Fixed output length: every batch has one shape, so the LSTM compiles once.
+    ids = keras.layers.TextVectorization(vocabulary=list(config.vocabulary),
+                                         output_sequence_length=config.max_len,
+                                         name="vectorizer")(inputs)
+    x = keras.layers.Embedding(len(config.vocabulary) + 2, config.embedding_dim, mask_zero=True,
+                               name="embedding")(ids)
+    for i in range(config.layers):
+        last = i == config.layers - 1
+        x = keras.layers.Bidirectional(LSTM(config.units, return_sequences=not last),
+                                       name=f"bilstm_{i}")(x)
+        if config.dropout > 0:
+            x = keras.layers.Dropout(config.dropout, name=f"dropout_{i}")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="positive", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="sentiment")
+
+
+def as_inputs(texts: list[str]) -> np.ndarray:
+    """Texts as the model's (batch, 1) string input."""
+    return np.asarray(texts, dtype=object)[:, None]
+
+
+def predict_texts(model: keras.Model, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """P(positive) for each text, shape (n,)."""
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(texts)[:, None]).batch(batch_size)
+    return model.predict(ds, verbose=0)[:, 0]
+
+
+class Serving(tf.Module):
+    """``serving_default(text: string[batch]) -> {"probability": float[batch]}``."""
+
+    def __init__(self, model: keras.Model):
+        super().__init__()
+        self.model = model
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve(self, text):
+        return {"probability": self.model(text[:, None], training=False)[:, 0]}
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy, ROC AUC, F1 (positive class) and the confusion matrix at 0.5."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype="float64").reshape(-1)
+    pred = (probs >= 0.5).astype(int)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "examples": len(labels),
+        "accuracy": (tp + tn) / max(1, len(labels)),
+        "roc_auc": roc_auc(labels, probs),
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+        # rows = true label, columns = predicted label, [negative, positive]
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    n_pos = int((labels == 1).sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None  # undefined with one class
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,149 @@
+"""Quality of apps/nlp on the full datasets in /work/shared/data (not a test).
+
+    python benchmarks/nlp_quality.py textgen --minutes 5          # Tiny Shakespeare
+    python benchmarks/nlp_quality.py textgen --minutes 60
+    python benchmarks/nlp_quality.py imdb                         # 10% held out
+    python benchmarks/nlp_quality.py polarity --folds 10          # 10-fold CV
+    python benchmarks/nlp_quality.py textgen --minutes 5 --units 256   # flags for train
+
+Each benchmark runs the app's own command line with its default settings (plus
+the budget), so the numbers are what a user gets. Results are merged into
+benchmarks/results/nlp_quality.json (one entry per benchmark, with the command,
+the machine load and the date) and printed as a table.
+
+Targets: textgen <= 1.88 nats/char (5 min) and <= 1.50 (60 min) of validation
+loss on the last 10% of Tiny Shakespeare; IMDB accuracy >= 0.88 on a 10% hold
+out; rt-polarity 10-fold accuracy >= 0.80.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LSTM_SUITE_DATA", "/work/shared/data"))
+RESULTS = ROOT / "benchmarks" / "results" / "nlp_quality.json"
+TARGETS = {"textgen_5min": ("val nats/char", "<=", 1.88),
+           "textgen_60min": ("val nats/char", "<=", 1.50),
+           "imdb": ("test accuracy", ">=", 0.88),
+           "polarity": ("10-fold accuracy", ">=", 0.80)}
+
+
+def run_cli(args: list[str]) -> float:
+    """Run ``python -m apps.nlp ARGS`` (output streamed), return its wall time."""
+    cmd = [sys.executable, "-m", "apps.nlp", *args]
+    print("$", " ".join(cmd), flush=True)
+    started = time.monotonic()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.monotonic() - started
+
+
+def fresh(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
+def bench_textgen(opts) -> dict:
+    run = fresh(opts.work / f"textgen_{opts.minutes:g}min")
+    args = ["textgen", "train", "--run-dir", str(run), "--data",
+            str(DATA / "tinyshakespeare" / "input.txt"), "--max-minutes", str(opts.minutes),
+            *opts.extra]
+    seconds = run_cli(args)
+    metrics = json.loads((run / "metrics.json").read_text())
+    loss = metrics["validation"]["loss"]
+    variant = "".join(f" {a}" for a in opts.extra)  # flags beyond the defaults
+    return {"name": f"textgen_{opts.minutes:g}min{variant}", "value": loss,
+            "bits_per_char": metrics["validation"]["bits_per_char"],
+            "epochs": metrics["epochs_completed"], "best_epoch": metrics["best_epoch"],
+            "train_seconds": metrics["train_seconds_this_process"],
+            "wall_seconds": round(seconds, 1), "command": "python -m apps.nlp " + " ".join(args),
+            "settings": json.loads((run / "config.json").read_text())["app_settings"] | {
+                "vocabulary": "(from the text)"}}
+
+
+def bench_imdb(opts) -> dict:
+    run = fresh(opts.work / "imdb")
+    # The app's own split: 80% train / 10% validation / 10% test, shuffled with --seed.
+    args = ["sentiment", "train", "--run-dir", str(run), "--data",
+            str(DATA / "imdb" / "imdb_reviews.csv"), *opts.extra]
+    if opts.minutes:
+        args += ["--max-minutes", str(opts.minutes)]
+    seconds = run_cli(args)
+    metrics = json.loads((run / "metrics.json").read_text())
+    cls = metrics["test_classification"]
+    return {"name": "imdb", "value": cls["accuracy"], "roc_auc": cls["roc_auc"], "f1": cls["f1"],
+            "test_examples": cls["examples"], "epochs": metrics["epochs_completed"],
+            "wall_seconds": round(seconds, 1), "command": "python -m apps.nlp " + " ".join(args)}
+
+
+def bench_polarity(opts) -> dict:
+    run = fresh(opts.work / "polarity")
+    args = ["sentiment", "train", "--run-dir", str(run), "--data", str(DATA / "rt-polarity"),
+            "--cv", str(opts.folds), *opts.extra]
+    seconds = run_cli(args)
+    cv = json.loads((run / "cv.json").read_text())
+    variant = "".join(f" {a}" for a in opts.extra)
+    return {"name": f"polarity{variant}", "value": cv["accuracy_mean"], "std": cv["accuracy_std"],
+            "folds": cv["folds"], "wall_seconds": round(seconds, 1),
+            "command": "python -m apps.nlp " + " ".join(args)}
+
+
+def write_table(results: dict) -> str:
+    """The results as a text table, also written beside the JSON."""
+    lines = [f"{'benchmark':<68}{'metric':<20}{'value':>8}  {'target':<8}{'met':<6}"
+             f"{'wall s':>8}  load (1m) before/after  date"]
+    for r in sorted(results.values(), key=lambda r: r["name"]):
+        lines.append(f"{r['name']:<68}{r['metric']:<20}{r['value']:>8.4f}  "
+                     f"{r['target'] or '':<8}{str(r['met']):<6}{r['wall_seconds']:>8.0f}  "
+                     f"{r['loadavg_before'][0]}/{r['loadavg_after'][0]:<18}  {r['date']}")
+    table = "\n".join(lines) + "\n"
+    RESULTS.with_suffix(".txt").write_text(table)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=("textgen", "imdb", "polarity"))
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time budget (--max-minutes); textgen default 5")
+    parser.add_argument("--folds", type=int, default=10, help="polarity: cross-validation folds")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/nlp_quality"),
+                        help="where the run directories go")
+    # Any other flag goes to the app's train command, e.g. --units 256.
+    opts, opts.extra = parser.parse_known_args()
+    if opts.benchmark == "textgen" and opts.minutes is None:
+        opts.minutes = 5.0
+    opts.work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    result = {"textgen": bench_textgen, "imdb": bench_imdb,
+              "polarity": bench_polarity}[opts.benchmark](opts)
+    what, op, target = TARGETS[result["name"].split()[0]]
+    result.update({
+        "metric": what, "target": f"{op} {target}" if target is not None else None,
+        "met": None if target is None else (result["value"] <= target if op == "<="
+                                            else result["value"] >= target),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    })
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[result["name"]] = result
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+    table = write_table(results)
+    print("\n" + table + f"written {RESULTS} and {RESULTS.with_suffix('.txt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""sentiment: train -> evaluate -> predict -> export, the polarity loader, CV, metrics."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from apps.nlp import data as nlp_data
+from apps.nlp import sentiment
+from apps.nlp.__main__ import main
+
+TINY = ["--epochs", "1", "--units", "8", "--embedding-dim", "8", "--max-len", "16",
+        "--batch-size", "32", "--max-tokens", "200"]
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sentiment") / "run"
+    assert main(["sentiment", "train", "--run-dir", str(run), *TINY]) == 0
+    return run
+
+
+def test_train_writes_run_with_vectorizer_inside(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test_classification"]) >= {"accuracy", "roc_auc", "f1",
+                                                    "confusion_matrix"}
+    config = json.loads((run_dir / "config.json").read_text())["app_settings"]
+    assert config["examples"] == {"train": 256, "validation": 32, "test": 32}
+    assert (run_dir / "model.keras").exists()
+
+
+def test_evaluate_json(run_dir, capsys):
+    assert main(["sentiment", "evaluate", "--run-dir", str(run_dir), "--json"]) == 0
+    metrics = last_json(capsys.readouterr().out)
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.sum() == metrics["examples"] == 32
+    assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert 0.0 <= metrics["roc_auc"] <= 1.0
+
+
+def test_predict_strings_and_file(run_dir, tmp_path, capsys):
+    file = tmp_path / "texts.txt"
+    file.write_text("a charming film\n\nthe plot is dull\n")
+    assert main(["sentiment", "predict", "--run-dir", str(run_dir), "superb acting",
+                 "--file", str(file), "--json"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert len(out["probability"]) == 3  # the empty line is skipped
+    assert all(0.0 <= p <= 1.0 for p in out["probability"])
+    assert out["label"] == ["positive" if p >= 0.5 else "negative" for p in out["probability"]]
+
+
+def test_saved_model_takes_raw_strings_in_a_fresh_process(run_dir, tmp_path):
+    import tensorflow as tf
+
+    from common.runs import load_keras
+
+    model = load_keras(run_dir / "model.keras", compile=False)
+    texts = ["a wonderful film", "dull and boring"]
+    expected = sentiment.predict_texts(model, texts)
+    code = textwrap.dedent(f"""
+        import json
+        import tensorflow as tf
+        serve = tf.saved_model.load({str(run_dir / "saved_model")!r}).signatures["serving_default"]
+        print(json.dumps(serve(text=tf.constant({texts!r}))["probability"].numpy().tolist()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    del tf
+
+
+def write_polarity(folder):
+    """rt-polarity-like files: cp1252 bytes with 0x85 (an ellipsis) inside lines."""
+    folder.mkdir()
+    pos = [b"a gem of a film \x85 truly moving", b"caf\xe9 scenes are lovely"] * 10
+    neg = [b"tedious \x85 and flat", b"a mess from the start"] * 10
+    (folder / "rt-polarity.pos").write_bytes(b"\n".join(pos) + b"\n")
+    (folder / "rt-polarity.neg").write_bytes(b"\n".join(neg) + b"\n")
+    return folder
+
+
+def test_polarity_loader_splits_on_newline_only(tmp_path):
+    folder = write_polarity(tmp_path / "rt")
+    data = nlp_data.load_labelled(str(folder))
+    assert len(data) == 40  # 0x85 did not split any line
+    assert data.texts[0] == "a gem of a film \u2026 truly moving"  # cp1252 decode
+    assert data.texts[1] == "caf\u00e9 scenes are lovely"
+    assert data.labels.tolist() == [1] * 20 + [0] * 20
+    # One file of the pair finds the other.
+    assert len(nlp_data.load_labelled(str(folder / "rt-polarity.neg"))) == 40
+
+
+def test_cross_validation_on_polarity_files(tmp_path):
+    folder = write_polarity(tmp_path / "rt")
+    run = tmp_path / "cv"
+    assert main(["sentiment", "train", "--run-dir", str(run), "--data", str(folder), "--cv", "2",
+                 "--epochs", "1", "--units", "4", "--embedding-dim", "4", "--max-len", "8",
+                 "--batch-size", "16"]) == 0
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["folds"] == 2 and len(cv["per_fold"]) == 2
+    assert sum(f["examples"] for f in cv["per_fold"]) == 40  # every example tested once
+    assert cv["accuracy_mean"] == pytest.approx(np.mean([f["accuracy"] for f in cv["per_fold"]]))
+
+
+def test_classification_metrics():
+    labels = np.array([1, 1, 0, 0, 1])
+    probs = np.array([0.9, 0.4, 0.2, 0.6, 0.8])
+    m = sentiment.classification_metrics(labels, probs)
+    assert m["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # 6 positive/negative pairs, 5 ranked correctly (0.4 < 0.6 is the miss).
+    assert m["roc_auc"] == pytest.approx(5 / 6)
+    assert sentiment.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_tfds_imdb_reviews(tmp_path):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    def as_dataset(self, split, **kwargs):
+        texts = ["a wonderful film", "awful and dull", "great cast", "boring plot"] * 5
+        labels = [1, 0, 1, 0] * 5
+        return tf.data.Dataset.from_tensor_slices({"text": texts, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        x, y, tx, ty = nlp_data.load_tfds_reviews("imdb_reviews")
+        assert len(x) == len(tx) == 20 and y.tolist() == [1, 0, 1, 0] * 5
+        from apps.nlp.__main__ import load_sentiment_splits
+
+        train, val, test = load_sentiment_splits(None, "tfds:imdb_reviews", seed=0)
+        # TFDS's test split is the test set; 10% of its train split validates.
+        assert (len(train), len(val), len(test)) == (18, 2, 20)
