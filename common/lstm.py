@@ -81,10 +81,17 @@ def _recurrence(
     """The forward loop. Returns (outputs, h, c, saved).
 
     ``outputs`` is (T, B, U) when ``return_sequences`` else (B, U). With
-    ``save`` every step writes ONE packed row, ``saved`` (T, B, 6U or 7U): the
-    gate pre-activations z (i, f, g, o), the carried cell and hidden states,
-    and with a mask the emitted output. One write per step instead of several,
-    because each write is a fixed cost in XLA's loop on CPU.
+    ``save`` every step writes ONE packed row (each write is a fixed cost in
+    XLA's loop on CPU), laid out as `_LAYOUTS[save]`:
+
+    - ``"gates"``: the gate pre-activations z (i, f, g, o) and the carried cell
+      and hidden states, for the gate inspection and for activations other
+      than tanh/sigmoid;
+    - ``"derivatives"`` (tanh/sigmoid only): what the backward pass multiplies
+      by, computed here where the gates already are, which spares it a pass
+      over every step; and the hidden state.
+
+    With a mask the emitted output is appended.
     """
     steps = tf.shape(xw)[0]
     dtype = xw.dtype
@@ -101,6 +108,7 @@ def _recurrence(
         z = x_t + b + tf.matmul(h, r)
         i, f, g, o = _gate_values(z, activation, recurrent_activation)
         c_new = f * c + i * g
+        c_unmasked = c_new
         h_new = o * activation(c_new)
         if mask_ta is not None:
             # Only a mask makes the emitted output differ from h, so only then
@@ -112,8 +120,12 @@ def _recurrence(
         y_new = y[0] if y else h_new
         if keep_outputs:
             out_ta = out_ta.write(t, y_new)
+        if save == "gates":
+            row = [z, c_new, h_new]
+        elif save == "derivatives":
+            row = _derivative_fields(i, f, g, o, c, c_unmasked) + [h_new]
         if save:
-            row = [z, c_new, h_new] + ([y_new] if mask_ta is not None else [])
+            row += [y_new] if mask_ta is not None else []
             saved_ta = saved_ta.write(t, tf.concat(row, axis=-1))
         return (t + 1, x_next, h_new, c_new, out_ta, saved_ta) + y
 
@@ -126,19 +138,36 @@ def _recurrence(
     if not return_sequences:
         outputs = y[0] if y else h
     elif save:
-        outputs = _unpack(saved, "y" if mask is not None else "h", mask is not None)
+        outputs = _unpack(saved, "y" if mask is not None else "h", mask is not None, save)
     else:
         outputs = out_ta.stack()
     return outputs, h, c, saved
 
 
-_PACKED = "ifgochy"  # fields of a saved row (i..o are pre-activations); "y" only with a mask
+def _derivative_fields(i, f, g, o, c_prev, c) -> list:
+    """The backward pass's per-step factors, for sigmoid gates and tanh.
+
+    d_z_i = dc * a_i, d_z_f = dc * a_f, d_z_g = dc * a_g, d_z_o = dh * a_o,
+    dc += dh * a_c and dc_prev = dc * f. At a masked step c is not the carried
+    state, but every term there is multiplied by zero.
+    """
+    tanh_c = tf.tanh(c)
+    return [i * (1.0 - i) * g, f * (1.0 - f) * c_prev, i * (1.0 - g * g),
+            o * (1.0 - o) * tanh_c, o * (1.0 - tanh_c * tanh_c), f]
 
 
-def _unpack(saved, name: str, has_mask: bool):
+# Fields of a saved row (see `_recurrence`); "y" only with a mask.
+_LAYOUTS = {
+    "gates": ("i", "f", "g", "o", "c", "h", "y"),
+    "derivatives": ("a_i", "a_f", "a_g", "a_o", "a_c", "f", "h", "y"),
+}
+
+
+def _unpack(saved, name: str, has_mask: bool, layout: str = "gates"):
     """One field, (T, B, U), of the packed per-step rows written by `_recurrence`."""
-    width = saved.shape[-1] // (7 if has_mask else 6)
-    k = _PACKED.index(name)
+    fields = _LAYOUTS[layout][:None if has_mask else -1]
+    width = saved.shape[-1] // len(fields)
+    k = fields.index(name)
     return saved[..., k * width:(k + 1) * width]
 
 
@@ -157,7 +186,7 @@ def _with_derivative(fn, x):
 
 
 def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_sequences,
-              activation, recurrent_activation):
+              activation, recurrent_activation, layout):
     """Backpropagation through time for elementwise activations.
 
     Returns (d_xw (T, B, 4U), d_r (U, 4U), d_b (4U,), d_h0, d_c0). Everything
@@ -169,35 +198,36 @@ def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_se
     steps = tf.shape(saved)[0]
     units = h0.shape[-1]
     has_mask = mask is not None
-    z_i, z_f, z_g, z_o, c, h = (_unpack(saved, k, has_mask) for k in "ifgoch")
-    c_prev = tf.concat([c0[None], c[:-1]], axis=0)
-    i, di = _with_derivative(recurrent_activation, z_i)
-    f, df = _with_derivative(recurrent_activation, z_f)
-    o, do = _with_derivative(recurrent_activation, z_o)
-    g, dg = _with_derivative(activation, z_g)
-    act_c, dact_c = _with_derivative(activation, c)
-    # d_z_i = dc * a_i, d_z_f = dc * a_f, d_z_g = dc * a_g, d_z_o = dh * a_o,
-    # dc += dh * a_c, dc_prev = dc * f. At a masked step c is the carried
-    # state, not the step's own, but every term there is multiplied by zero.
-    fields = [di * g, df * c_prev, i * dg, do * act_c, o * dact_c, f]
-    if return_sequences:
-        fields.append(d_out)
-    if has_mask:
-        fields.append(tf.cast(mask, saved.dtype))
-    packed = tf.concat(fields, axis=-1)
+    h = _unpack(saved, "h", has_mask, layout)
+    if layout == "derivatives":
+        packed = saved  # the forward loop wrote the factors; the loop reads 6U of 7U+
+    else:
+        # d_z_i = dc * a_i, ... as in `_derivative_fields`, for any elementwise
+        # activations: derivatives of the saved pre-activations, for all steps.
+        z_i, z_f, z_g, z_o, c = (_unpack(saved, k, has_mask) for k in "ifgoc")
+        c_prev = tf.concat([c0[None], c[:-1]], axis=0)
+        i, di = _with_derivative(recurrent_activation, z_i)
+        f, df = _with_derivative(recurrent_activation, z_f)
+        o, do = _with_derivative(recurrent_activation, z_o)
+        g, dg = _with_derivative(activation, z_g)
+        act_c, dact_c = _with_derivative(activation, c)
+        packed = tf.concat([di * g, df * c_prev, i * dg, do * act_c, o * dact_c, f], axis=-1)
     packed_ta = tf.TensorArray(saved.dtype, size=steps).unstack(packed)
+    dout_ta = tf.TensorArray(saved.dtype, size=steps).unstack(d_out) if return_sequences else None
+    mask_ta = None
+    if has_mask:
+        mask_ta = tf.TensorArray(saved.dtype, size=steps).unstack(tf.cast(mask, saved.dtype))
     dz_ta = tf.TensorArray(saved.dtype, size=steps)
     r_t = tf.transpose(r)
-    n_fields = 6
 
     def body(t, row, dh, dc, dy_carry, dz_ta):
         row_next = packed_ta.read(tf.maximum(t - 1, 0))
         a_c, f_t = row[:, 4 * units:5 * units], row[:, 5 * units:6 * units]
         dy = dy_carry
         if return_sequences:
-            dy = dy + row[:, n_fields * units:(n_fields + 1) * units]
+            dy = dy + dout_ta.read(t)
         if has_mask:
-            m = row[:, -1:]
+            m = mask_ta.read(t)
             keep = 1.0 - m
             dh_step = m * (dh + dy)
             dc_step = m * dc
@@ -291,6 +321,8 @@ def _fused(xws, b, r, h0s, c0s, masks, *, zero_output, return_sequences, activat
     """
     loop = dict(zero_output=zero_output, activation=activation,
                 recurrent_activation=recurrent_activation)
+    layout = ("derivatives" if _is_standard_activations(activation, recurrent_activation)
+              else "gates")
     shards = len(xws)
     masks = [None] * shards if masks is None else list(masks)
     has_mask = masks[0] is not None
@@ -308,7 +340,7 @@ def _fused(xws, b, r, h0s, c0s, masks, *, zero_output, return_sequences, activat
         parts = list(zip(xws, h0s, c0s, masks_, strict=True))
         forward = [
             _compiled_recurrence(xw, b, r, h0, c0, mask, return_sequences=return_sequences,
-                                 save=training, **loop)
+                                 save=layout if training else None, **loop)
             for xw, h0, c0, mask in parts
         ]
         result = tf.concat([f[0] for f in forward], axis=seq_axis)
@@ -328,9 +360,10 @@ def _fused(xws, b, r, h0s, c0s, masks, *, zero_output, return_sequences, activat
                 if rows is None:
                     rows = _compiled_recurrence(xw, b, r, h0, c0, mask,
                                                 return_sequences=return_sequences,
-                                                save=True, **loop)[3]
+                                                save=layout, **loop)[3]
                 grads.append(_compiled_backward(dres, dh, dc, rows, h0, c0, r, mask,
-                                                return_sequences=return_sequences, **loop))
+                                                return_sequences=return_sequences,
+                                                layout=layout, **loop))
             d_xws = [g[0] for g in grads]
             d_r = tf.add_n([g[1] for g in grads])
             d_b = tf.add_n([g[2] for g in grads])
@@ -683,7 +716,7 @@ class LSTM(keras.layers.LSTM):
         mask_tm = None if masks is None else masks[0]
         _, _, _, saved = _compiled_recurrence(
             xw, bias, recurrent, h0, c0, mask_tm, zero_output=False, return_sequences=True,
-            save=True, activation=self.activation,
+            save="gates", activation=self.activation,
             recurrent_activation=self.recurrent_activation,
         )
         has_mask = mask_tm is not None
