@@ -31,9 +31,6 @@ from keras import activations, ops
 
 logger = logging.getLogger("lstm_suite")
 
-PATHS = ("cudnn", "fused", "reference")
-
-
 def gpu_available() -> bool:
     """True when TensorFlow sees a GPU (tests patch this to simulate one)."""
     return bool(tf.config.list_logical_devices("GPU"))
@@ -275,7 +272,7 @@ _compiled_recurrence = tf.function(_recurrence, jit_compile=True, autograph=Fals
 _compiled_backward = tf.function(_backward, jit_compile=True, autograph=False)
 
 
-def shard_count(batch: int | None, units: int) -> int:
+def shard_count(batch: int | None) -> int:
     """How many batch shards the fused path runs side by side.
 
     Rows of a batch are independent, and one XLA loop keeps about one core busy
@@ -622,8 +619,7 @@ class LSTM(keras.layers.LSTM):
             return self._run_fused(sequences, initial_state, mask, training,
                                    function_boundary=True)
 
-        last, outputs, states = tf.cond(
-            ok, lambda: _flatten_result(cudnn()), lambda: _flatten_result(fused()))
+        last, outputs, states = tf.cond(ok, cudnn, fused)
         return last, outputs, list(states)
 
     def _time_major_projection(self, x, mask, kernel):
@@ -666,7 +662,7 @@ class LSTM(keras.layers.LSTM):
         # sequences: run the recurrence in float32 and cast the results back.
         dtype = tf.float32 if compute_dtype in (tf.float16, tf.bfloat16) else compute_dtype
         xws, bias, recurrent, h0s, c0s, masks = self._fused_inputs(
-            sequences, initial_state, mask, dtype, shard_count(sequences.shape[0], self.units))
+            sequences, initial_state, mask, dtype, shard_count(sequences.shape[0]))
         outputs, h, c = _fused(
             xws, bias, recurrent, h0s, c0s, masks,
             zero_output=bool(self.zero_output_for_mask) and mask is not None,
@@ -740,7 +736,3 @@ class LSTM(keras.layers.LSTM):
         config["use_cudnn"] = self.use_cudnn
         return config
 
-
-def _flatten_result(result):
-    last, outputs, states = result
-    return last, outputs, tuple(states)

@@ -1126,9 +1126,9 @@ def _sharded_mask(batch=SHARDED_BATCH, steps=T):
 
 def test_batch_of_sixteen_or_more_is_sharded():
     cores = len(os.sched_getaffinity(0))
-    assert lstm_mod.shard_count(SHARDED_BATCH, U) == min(2, cores)
-    assert lstm_mod.shard_count(None, U) == min(2, cores)  # unknown batch: split, may be empty
-    assert lstm_mod.shard_count(4, U) == 1
+    assert lstm_mod.shard_count(SHARDED_BATCH) == min(2, cores)
+    assert lstm_mod.shard_count(None) == min(2, cores)  # unknown batch: split, may be empty
+    assert lstm_mod.shard_count(4) == 1
 
 
 @pytest.mark.parametrize("training", [True, False])
