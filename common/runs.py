@@ -160,22 +160,18 @@ def _jsonable(value: Any) -> Any:
 
 def atomic_save_model(model, path: str | os.PathLike) -> None:
     """`model.save(path)` (a .keras file) via a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = _tmp_name(path, ".keras")  # Keras insists on the .keras suffix.
-    try:
-        model.save(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _save_via_temp(model.save, Path(path), ".keras")  # Keras insists on the suffix.
 
 
 def atomic_save_weights(model, path: str | os.PathLike) -> None:
     """`model.save_weights(path)` (a .weights.h5 file), atomically."""
-    path = Path(path)
-    tmp = _tmp_name(path, ".weights.h5")
+    _save_via_temp(model.save_weights, Path(path), ".weights.h5")
+
+
+def _save_via_temp(save, path: Path, suffix: str) -> None:
+    tmp = _tmp_name(path, suffix)
     try:
-        model.save_weights(tmp)
+        save(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
