@@ -6,15 +6,19 @@ Order matters and is fixed here:
 2. `RunCheckpoint` (best.keras, last.keras) before
 3. `Backup` (the BackupAndRestore state), so a run killed between the two
    redoes an epoch instead of losing its checkpoint;
-4. `CSVLogger` after the backup: a line in history.csv means the epoch is safe;
+4. `HistoryCSV` after the backup: a line in history.csv means the epoch is safe;
 5. TensorBoard, EarlyStopping, `TimeBudget` and the optional LSTM inspection.
 
 Nothing is saved from an epoch whose loss or weights are not finite, so the
-checkpoints and the backup always hold the last good state.
+checkpoints and the backup always hold the last good state. Every file is
+replaced atomically (see `common.runs`), so a run killed at any point, even
+in the middle of a write, resumes from the backup with whole files.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import sys
 import time
@@ -24,7 +28,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from common.runs import RunDir, atomic_save_model, atomic_save_weights, read_json, write_json
+from common.runs import (
+    RunDir,
+    atomic_directory,
+    atomic_save_model,
+    atomic_write_text,
+    read_json,
+    write_json,
+)
 
 
 def is_finite(model: keras.Model, logs: dict[str, Any] | None) -> bool:
@@ -125,28 +136,88 @@ class RunCheckpoint(keras.callbacks.Callback):
 class Backup(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` that writes atomically and keeps its state.
 
-    The state (weights with optimizer slots, plus the epoch number) is written
-    at the end of every epoch to checkpoints/backup/, and restored by the next
-    `fit` on the same folder: ``--resume`` after a kill continues from the last
-    completed epoch. It is kept after a finished run (``delete_checkpoint=False``)
-    so ``--resume --epochs N`` can extend training.
+    The state (weights with optimizer slots, the epoch number, and that epoch's
+    logs for `HistoryCSV`) is written at the end of every epoch to
+    checkpoints/backup/, and restored by the next `fit` on the same folder:
+    ``--resume`` after a kill continues from the last completed epoch. It is
+    kept after a finished run (``delete_checkpoint=False``) so
+    ``--resume --epochs N`` can extend training.
     """
 
     def __init__(self, backup_dir: str | Path):
         super().__init__(backup_dir=str(backup_dir), save_freq="epoch",
                          delete_checkpoint=False)
+        self._logs: dict[str, float] = {}
 
     def on_epoch_end(self, epoch, logs=None):
         if is_finite(self.model, logs):
+            self._logs = {k: float(v) for k, v in (logs or {}).items()}
             super().on_epoch_end(epoch, logs)
 
-    # Replaces Keras's non-atomic writer (save_weights, then the metadata json):
-    # a kill mid-write would leave a truncated .h5 that cannot be restored.
+    # Replaces Keras's writer (save_weights, then the metadata json, in place):
+    # a kill in the middle would leave a truncated .h5, or weights of one epoch
+    # with the epoch number of the previous one. The two files are written to
+    # a new folder that replaces the old one.
     def _save_model(self):
-        Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
-        atomic_save_weights(self.model, self._weights_path)
-        write_json(self._training_metadata_path,
-                   {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+        with atomic_directory(self.backup_dir) as tmp:
+            self.model.save_weights(tmp / Path(self._weights_path).name)
+            write_json(tmp / Path(self._training_metadata_path).name,
+                       {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                        "logs": self._logs})
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """RUN/logs/history.csv: one row per completed epoch, like `keras.callbacks.CSVLogger`.
+
+    Unlike it, the file is rewritten atomically each epoch (never half a row),
+    and it always matches the backup a resumed run starts from: rows of epochs
+    the backup does not hold are dropped (they will be redone), and the row of
+    the backup's last epoch is added from the backup when the run was killed
+    after saving the backup but before writing the row.
+    """
+
+    def __init__(self, path: str | Path, backup_dir: str | Path | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.backup_metadata = (None if backup_dir is None
+                                else Path(backup_dir) / "training_metadata.json")
+        self.rows: list[dict[str, str]] = []
+
+    def on_train_begin(self, logs=None):
+        self.rows = self._read()
+        if self.backup_metadata is not None and self.backup_metadata.exists():
+            backup = read_json(self.backup_metadata)
+            done = int(backup["epoch"])  # epochs 0 .. done-1 are in the backup
+            rows = [r for r in self.rows if int(r["epoch"]) < done]
+            if done > 0 and backup.get("logs") and \
+                    not any(int(r["epoch"]) == done - 1 for r in rows):
+                rows.append(self._row(done - 1, backup["logs"]))
+            if rows != self.rows:
+                self.rows = rows
+                self._write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch]
+        self.rows.append(self._row(epoch, logs or {}))
+        self._write()
+
+    @staticmethod
+    def _row(epoch: int, logs: dict[str, Any]) -> dict[str, str]:
+        return {"epoch": str(epoch), **{k: repr(float(v)) for k, v in sorted(logs.items())}}
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
+
+    def _write(self) -> None:
+        columns = ["epoch"] + sorted({k for row in self.rows for k in row} - {"epoch"})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, out.getvalue())
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -209,7 +280,7 @@ def make_callbacks(
         StopOnNaN(),
         RunCheckpoint(run, monitor=monitor, mode=mode),
         Backup(run.backup),
-        keras.callbacks.CSVLogger(str(run.history_csv), append=True),
+        HistoryCSV(run.history_csv, run.backup),
         # write_graph is off: the fused LSTM's XLA graph is large and unreadable.
         keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=histogram_freq,
                                     write_graph=False, update_freq="epoch"),

@@ -18,7 +18,9 @@ audio samples, price windows) to outputs::
 
 The export is written to a temporary folder, reloaded with
 `tf.saved_model.load` and run on `sample`; only if it reproduces the
-in-process outputs does it replace the previous export.
+in-process outputs does it replace the previous export. Only a previous
+SavedModel (or an empty folder) is ever replaced, and an export into a run
+directory holds the run's lock, so it cannot race a training run's own export.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.errors import ExportCheckFailed
-from common.runs import atomic_directory
+from common.errors import ExportCheckFailed, UserError
+from common.runs import atomic_directory, lock_for_writing
 
 SIGNATURE = "serving_default"
 
@@ -94,6 +96,8 @@ def export_saved_model(
 
     Raises:
         ExportCheckFailed: the reloaded SavedModel gave other outputs.
+        UserError: `export_dir` exists and is neither a SavedModel nor empty.
+        RunDirBusy: `export_dir` is in a run directory another process uses.
     """
     export_dir = Path(export_dir)
     function = getattr(module, function_name)
@@ -102,12 +106,25 @@ def export_saved_model(
                          "an input_signature (the raw input it serves)")
     signature = function.get_concrete_function()
     expected = _as_output_dict(_call(function, sample))
-    with atomic_directory(export_dir) as tmp:
-        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: signature})
-        reloaded = tf.saved_model.load(str(tmp)).signatures[SIGNATURE]
-        got = reloaded(**_as_kwargs(reloaded, sample))
-        _compare(expected, got, rtol=rtol, atol=atol, where=export_dir)
+    with lock_for_writing(export_dir):
+        _check_replaceable(export_dir)
+        with atomic_directory(export_dir) as tmp:
+            tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: signature})
+            reloaded = tf.saved_model.load(str(tmp)).signatures[SIGNATURE]
+            got = reloaded(**_as_kwargs(reloaded, sample))
+            _compare(expected, got, rtol=rtol, atol=atol, where=export_dir)
     return export_dir
+
+
+def _check_replaceable(export_dir: Path) -> None:
+    # The export replaces the whole folder: refuse anything but an old export,
+    # so that `--out ~/Documents` cannot wipe a folder of someone's files.
+    if export_dir.is_symlink() or (export_dir.exists() and not export_dir.is_dir()):
+        raise UserError(f"{export_dir}: exists and is not a folder; choose a new export path")
+    if export_dir.is_dir() and any(export_dir.iterdir()) and \
+            not (export_dir / "saved_model.pb").is_file():
+        raise UserError(f"{export_dir}: exists and is not a SavedModel (it would be "
+                        "replaced); choose a new or empty folder")
 
 
 def _call(function, sample):

@@ -12,7 +12,8 @@ Layout (`RunDir` names every path)::
 
 Everything we write goes to a temporary name in the same folder first and is
 then renamed over the target, so a run killed at any moment leaves either the
-old file or the new one, never half of one.
+old file or the new one, never half of one. Names that come from data or
+config files go through `safe_child`, so they cannot point outside their folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import platform
 import shutil
 import socket
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +102,37 @@ class RunDir:
 
 
 def load_keras(path: str | os.PathLike, *, compile: bool = True):
-    """A .keras file loaded with safe_mode=True (our LSTM layer registered)."""
+    """A .keras file loaded with safe_mode=True (our LSTM layer registered).
+
+    safe_mode makes Keras refuse what could run code while loading: a `Lambda`
+    layer (its Python bytecode is stored in the file) and any class that is not
+    a Keras built-in or registered with `keras.saving.register_keras_serializable`
+    (e.g. a config naming ``os.system``). Those, and files that are not
+    .keras models at all, raise `UserError` naming the file.
+    """
     import keras
 
     import common.lstm  # noqa: F401  (registers lstm_suite>LSTM for deserialization)
 
-    return keras.saving.load_model(path, safe_mode=True, compile=compile)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=compile)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: {_why_not_loaded(exc)}") from exc
+
+
+def _why_not_loaded(exc: Exception) -> str:
+    text = str(exc)
+    if "Lambda" in text or "arbitrary code execution" in text:
+        return ("contains a Lambda layer (Python code stored in the file); it will not be "
+                "loaded, since loading it could run that code")
+    if "Could not locate" in text or "could not be deserialized" in text:
+        return ("names a class or function that is neither a Keras built-in nor one of "
+                "ours; it will not be loaded (safe_mode)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"not a loadable .keras model ({first[:200]})"
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +185,30 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def safe_child(root: str | os.PathLike, name: str, *, source: str) -> Path:
+    """`root / name`, refusing a `name` that could reach outside `root`.
+
+    For names that come from data or config files (labels, list entries, file
+    names) and become paths we read or write: absolute paths, ``..``
+    components, NUL bytes and symbolic links leading out of `root` are refused
+    with a `UserError` naming `source` (where the name came from), e.g.
+    ``"--data d/validation_list.txt line 3"``. `name` may have several
+    ``/``-separated components.
+    """
+    root = Path(root)
+    if not name or "\0" in name or "\\" in name:
+        raise UserError(f"{source}: {name!r} is not a valid relative path")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or any(part in ("..", ".") for part in parts):
+        raise UserError(f"{source}: {name!r} points outside {root}; only paths inside it "
+                        "are allowed")
+    child = root / name
+    resolved_root = root.resolve()
+    if not child.resolve().is_relative_to(resolved_root):
+        raise UserError(f"{source}: {name!r} leads outside {root} (through a symbolic link)")
+    return child
+
+
 def atomic_save_model(model, path: str | os.PathLike) -> None:
     """`model.save(path)` (a .keras file) via a temporary file and `os.replace`."""
     _save_via_temp(model.save, Path(path), ".keras")  # Keras insists on the suffix.
@@ -184,8 +235,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     A directory cannot be swapped in one `rename` when the target exists, so
     the old one is first renamed aside: a crash in between leaves the new
-    directory at `path.tmp-PID` and the old at `path.old-PID` (both removed
-    by the next `open_run`), never a half-written `path`.
+    directory at `path.tmp-PID` and the old at `path.old-PID`, never a
+    half-written `path`; the next `open_run` (or `lock_for_writing`) puts the
+    old one back and deletes the new one.
     """
     path = Path(path)
     tmp = _tmp_name(path)
@@ -203,12 +255,26 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_leftovers(folder: Path) -> None:
+def _remove_leftovers(folder: Path, name: str = "") -> None:
+    """Clean up after writers killed in `folder` (only those of `name`, if given).
+
+    Call it only while holding the run's lock: nobody else is writing then. A
+    folder killed between the two renames of `atomic_directory` is missing and
+    its previous version sits at ``NAME.old-PID``: that one is put back (the
+    old complete version wins); every other temporary is deleted.
+    """
     if not folder.is_dir():
         return
-    for entry in folder.iterdir():
+    for entry in sorted(folder.iterdir()):
+        if not entry.name.startswith(name):
+            continue
+        if _OLD_MARK in entry.name:
+            original = folder / entry.name.split(_OLD_MARK)[0]
+            if not original.exists() and not original.is_symlink():
+                os.replace(entry, original)
+                continue
         if _TMP_MARK in entry.name or _OLD_MARK in entry.name:
-            if entry.is_dir():
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
@@ -232,23 +298,39 @@ class RunLock:
         self.path = path
         self._file = None
 
+    @staticmethod
+    def me() -> str:
+        """How the lock file names this process."""
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+
     def acquire(self) -> None:
+        """Take the lock, or raise `RunDirBusy` naming the holder."""
+        if not self.try_acquire():
+            raise RunDirBusy(
+                f"--run-dir {self.path.parent} is in use by {self.holder() or 'another process'}; "
+                "wait for it to finish or choose another --run-dir")
+
+    def holder(self) -> str:
+        """Who holds (or last held) the lock, e.g. "pid 123 on host"."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False if another holder has it."""
         f = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
             f.close()
-            raise RunDirBusy(
-                f"--run-dir {self.path.parent} is in use by {holder}; wait for it to "
-                "finish or choose another --run-dir"
-            ) from None
+            return False
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.write(self.me() + "\n")
         f.flush()
         self._file = f
+        return True
 
     def release(self) -> None:
         if self._file is not None:
@@ -284,6 +366,9 @@ def _check_owner(root: Path, app: str, task: str) -> dict[str, Any] | None:
     if not root.is_dir():
         raise UserError(f"--run-dir {root}: exists and is not a directory")
     config_path = RunDir(root).config
+    if (root / "saved_model.pb").is_file():
+        raise UserError(f"--run-dir {root}: is a SavedModel, not a run directory; pass the "
+                        "run directory it was exported from (the folder holding config.json)")
     if not config_path.exists():
         # A folder with only our lock (a run killed before it wrote anything)
         # is as good as empty; anything else is someone's data.
@@ -331,9 +416,10 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
             )
         if existing is None and resume:
             print(f"note: nothing to resume in {run.root}; starting a new run", file=sys.stderr)
-        _remove_leftovers(run.root)
-        _remove_leftovers(run.checkpoints)
-        _remove_leftovers(run.backup)
+        for folder in (run.root, run.checkpoints, run.backup, run.logs):
+            _remove_leftovers(folder)
+        if existing is not None:
+            check_resumable(run)
         run.logs.mkdir(exist_ok=True)
         run.checkpoints.mkdir(exist_ok=True)
         if existing is None:
@@ -344,9 +430,89 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
         lock.release()
 
 
+def check_resumable(run: RunDir) -> None:
+    """Refuse to resume from checkpoint files that cannot be read whole.
+
+    Atomic writes keep our own files whole, but a damaged disk or a copy cut
+    short can still truncate them. Checked before anything is written, so a
+    refused resume leaves the run as it was.
+    """
+    checks = [(run.checkpoints / "state.json", _is_json),
+              (run.backup / "training_metadata.json", _is_json),
+              (run.best_checkpoint, _is_whole_zip), (run.last_checkpoint, _is_whole_zip),
+              (run.backup / "latest.weights.h5", _is_whole_hdf5)]
+    for path, is_whole in checks:
+        if path.exists() and not is_whole(path):
+            raise UserError(f"--run-dir {run.root}: cannot resume: {path} is damaged (cut "
+                            f"short or not a {path.suffix} file); remove {run.checkpoints} to "
+                            "train this run again from epoch 1, or choose another --run-dir")
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _is_whole_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None  # reads every member, checks its CRC
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _is_whole_hdf5(path: Path) -> bool:
+    import h5py
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset):
+            item[()]  # reads every byte: a truncated file fails here
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def lock_for_writing(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of the run directory that contains `path` while writing it.
+
+    For commands that write into an existing run without `open_run` (``export``
+    rewrites RUN/saved_model): a run a live process is training is refused
+    with `RunDirBusy`, since its own export would race ours. Leftovers of a
+    killed writer of `path` are cleaned up first. Inside `open_run` (this
+    process already holds the lock), and for a `path` outside any run
+    directory, nothing is locked.
+    """
+    path = Path(path).absolute()
+    run = RunDir(path.parent)
+    if not run.config.is_file():
+        yield
+        return
+    lock = RunLock(run.lock)
+    if not lock.try_acquire():
+        if lock.holder() == RunLock.me():  # this very process: open_run around us
+            yield
+            return
+        lock.acquire()  # raises RunDirBusy naming the holder
+    try:
+        _remove_leftovers(run.root, path.name)
+        yield
+    finally:
+        lock.release()
+
+
 def load_run(run_dir: str | os.PathLike, *, app: str, task: str) -> RunDir:
     """An existing run of `app`/`task`, for evaluate/predict/export (no lock)."""
     run = RunDir(Path(run_dir).absolute())
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"--run-dir {run.root}: is a file, not a run directory")
     if not run.root.is_dir():
         raise UserError(f"--run-dir {run.root}: no such run directory")
     if _check_owner(run.root, app, task) is None:

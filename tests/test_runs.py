@@ -14,6 +14,7 @@ from common.runs import (
     atomic_directory,
     atomic_write_text,
     load_run,
+    lock_for_writing,
     open_run,
     write_json,
 )
@@ -136,10 +137,55 @@ def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
         pass
     (root / "model.keras.tmp-999.keras").write_text("half")
     (run.checkpoints / "last.keras.tmp-999.keras").write_text("half")
-    (root / "saved_model.old-999").mkdir()
+    (run.logs / "history.csv.tmp-999").write_text("epoch,lo")
+    # Killed between the two renames of atomic_directory: the new folder is
+    # complete at .tmp-, the old one aside at .old-, none at the real name.
+    (run.checkpoints / "backup.old-999").mkdir()
+    (run.checkpoints / "backup.old-999" / "v").write_text("old")
+    (run.checkpoints / "backup.tmp-999").mkdir()
+    # Killed while deleting the old folder after the swap.
+    (root / "saved_model").mkdir()
+    (root / "saved_model.old-998").mkdir()
     with open_run(root, app="a", task="b", resume=True):
-        assert sorted(os.listdir(root)) == [".lock", "checkpoints", "config.json", "logs"]
-        assert os.listdir(run.checkpoints) == []
+        assert sorted(os.listdir(root)) == [".lock", "checkpoints", "config.json", "logs",
+                                            "saved_model"]
+        assert os.listdir(run.checkpoints) == ["backup"]  # the old copy is put back
+        assert (run.backup / "v").read_text() == "old"
+        assert os.listdir(run.logs) == []
+
+
+def test_an_export_into_a_run_respects_its_lock(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="a", task="b") as run:
+        with lock_for_writing(run.saved_model):  # our own lock: allowed, nothing cleaned
+            pass
+    (root / "saved_model.tmp-999").mkdir()
+    (root / "saved_model.old-999").mkdir()
+    (root / "metrics.json.tmp-999").write_text("{")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, time
+        f = open({str(root / '.lock')!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write("pid 4242 on elsewhere\\n"); f.flush()
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"--run-dir {root} is in use by pid 4242 on "
+                                             "elsewhere"):
+            with lock_for_writing(root / "saved_model"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_for_writing(root / "saved_model"):
+        # Only the leftovers of what we are about to write are cleaned up.
+        assert sorted(os.listdir(root)) == [".lock", "checkpoints", "config.json", "logs",
+                                            "metrics.json.tmp-999", "saved_model"]
+        assert f"pid {os.getpid()}" in (root / ".lock").read_text()
+    with lock_for_writing(tmp_path / "export"):  # not in a run: nothing to lock
+        assert not (tmp_path / ".lock").exists()
 
 
 def test_load_run_errors_name_the_run_dir(tmp_path):

@@ -12,7 +12,14 @@ import tensorflow as tf
 import tiny_task
 from tensorboard.backend.event_processing import event_accumulator
 
-from common.callbacks import Backup, RunCheckpoint, StopOnNaN, TimeBudget, make_callbacks
+from common.callbacks import (
+    Backup,
+    HistoryCSV,
+    RunCheckpoint,
+    StopOnNaN,
+    TimeBudget,
+    make_callbacks,
+)
 from common.errors import TrainingDiverged
 from common.runs import open_run, read_json
 from common.training import TrainConfig, make_optimizer, train
@@ -163,7 +170,7 @@ def test_callbacks_come_in_a_safe_order(tmp_path):
     with open_run(tmp_path / "run", app="a", task="b") as run:
         callbacks = make_callbacks(run, patience=3, max_minutes=5)
     kinds = [type(c) for c in callbacks]
-    assert kinds[:5] == [StopOnNaN, RunCheckpoint, Backup, keras.callbacks.CSVLogger,
+    assert kinds[:5] == [StopOnNaN, RunCheckpoint, Backup, HistoryCSV,
                          keras.callbacks.TensorBoard]
     assert kinds[5:] == [keras.callbacks.EarlyStopping, TimeBudget]
     assert callbacks[2].backup_dir == str(run.backup) and not callbacks[2].delete_checkpoint

@@ -4,15 +4,18 @@
     python tests/tiny_task.py tiny evaluate --run-dir /tmp/r --json
 
 The task: predict the mean of a short random sequence with Input -> LSTM(8) ->
-Dense(1). Test-only flags slow the epochs down (for the kill test) and poison
-the weights at a given epoch (for the NaN test).
+Dense(1). Test-only flags slow the epochs down, poison the weights at a given
+epoch (for the NaN test), and stop the process in the middle of a write
+(``--pause-at``, for the crash tests: they SIGKILL it there).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from common.cli import build_parser, non_negative_float, print_json, run_main
 from common.errors import UserError
@@ -44,15 +47,80 @@ def build_model():
     return keras.Model(inputs, outputs, name="tiny")
 
 
+# -- fault injection for the crash tests (test-only: nothing like it in common/) --
+
+PAUSE_HELP = """stop for good at a kill point, printing "PAUSED <point>" first: 'epoch@N' is
+after batch 3 of epoch N (0-based); 'NAME@N' is in the middle of writing NAME (a file
+or folder of the run dir: last.keras, history.csv, backup, saved_model, ...) the first
+time it is written at epoch N or later: its temporary copy is truncated to half, as a
+writer killed mid-write leaves it, and not renamed yet; 'NAME-swap@N', for a folder,
+is between the two renames that swap the new folder in"""
+
+
+def parse_pause(text: str) -> tuple[str, int]:
+    name, _, epoch = text.partition("@")
+    if not name or (epoch and not epoch.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME@EPOCH, got {text}")
+    return name, int(epoch or 0)
+
+
+def pause(point: str) -> None:
+    print(f"PAUSED {point}", flush=True)
+    time.sleep(3600)  # until the test kills us
+
+
+def truncate_to_half(path: Path) -> None:
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        os.truncate(f, f.stat().st_size // 2)
+
+
+def install_write_pause(point: tuple[str, int], epoch_now) -> None:
+    """Wraps `os.replace`, which ends every atomic write of `common.runs`.
+
+    `epoch_now()` is the epoch being trained (a callback keeps it up to date).
+    """
+    name, epoch = point
+    swap = name.endswith("-swap")
+    target = name.removesuffix("-swap")
+    replace = os.replace
+
+    def paused_replace(src, dst, *a, **kw):
+        src, dst = Path(src), Path(dst)
+        first_rename = (
+            (dst.name == target and ".tmp-" in src.name)  # a file, or a new folder
+            or (src.name == target and ".old-" in dst.name))  # the old folder goes aside
+        if first_rename and epoch_now() >= epoch:
+            if swap and ".old-" in dst.name:
+                replace(src, dst, *a, **kw)
+                pause(name)
+            elif not swap:
+                for tmp in sorted(dst.parent.glob(f"{target}.tmp-*")):
+                    truncate_to_half(tmp)
+                pause(name)
+        return replace(src, dst, *a, **kw)
+
+    os.replace = paused_replace
+
+
 def debug_callbacks(args: argparse.Namespace) -> list:
     import keras
     import numpy as np
 
+    pause_at = args.pause_at or ("", 0)
+    now = {"epoch": 0}  # the epoch being trained, for install_write_pause
+    if pause_at[0] not in ("", "epoch"):
+        install_write_pause(pause_at, lambda: now["epoch"])
+
     class Slow(keras.callbacks.Callback):
-        """Sleeps after every batch and prints a marker when an epoch is done."""
+        """Sleeps after every batch, pauses at 'epoch@N', and marks finished epochs."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            now["epoch"] = epoch
 
         def on_train_batch_end(self, batch, logs=None):
             time.sleep(args.sleep_per_batch)
+            if pause_at == ("epoch", now["epoch"]) and batch == 2:
+                pause("epoch")
 
         def on_epoch_end(self, epoch, logs=None):
             print(f"EPOCH_DONE {epoch}", flush=True)
@@ -77,6 +145,9 @@ def make_parser():
                        help="seconds to sleep after each batch (slows epochs for tests)")
     train.add_argument("--poison-epoch", type=int, default=-1,
                        help="make the weights NaN when this 0-based epoch begins")
+    for command in ("train", "export"):
+        commands[TASK, command].add_argument("--pause-at", type=parse_pause,
+                                             metavar="POINT", help=PAUSE_HELP)
     return parser
 
 
@@ -104,6 +175,9 @@ def handle(args: argparse.Namespace) -> int:
             print(f"{value:.4f}")
     elif args.command == "export":
         from common.export import ModelServing, export_saved_model
+
+        if args.pause_at:
+            install_write_pause(args.pause_at, lambda: 0)
 
         out = export_saved_model(ModelServing(model), args.out or run.saved_model, test_x[:4])
         print(f"exported {out}")

@@ -28,6 +28,7 @@ import numpy as np
 
 from apps.speech.features import AUDIO_SUFFIXES, AudioError, FeatureCache
 from common.errors import UserError
+from common.runs import safe_child
 
 SAMPLES = Path(__file__).parent / "samples" / "fsdd"
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)$")
@@ -95,7 +96,7 @@ def speech_commands_clips(folder: Path) -> list[Clip]:
     lists = {}
     for split, name in (("validation", "validation_list.txt"), ("test", "testing_list.txt")):
         path = folder / name
-        lists[split] = set(path.read_text().split()) if path.exists() else set()
+        lists[split] = _listed_files(folder, path) if path.exists() else set()
     clips = []
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         if label_dir.name.startswith((".", "_")):  # _background_noise_
@@ -111,6 +112,17 @@ def speech_commands_clips(folder: Path) -> list[Clip]:
     if not clips:
         raise UserError(f"--data {folder}: no .wav/.flac/.ogg files in the label sub-folders")
     return clips
+
+
+def _listed_files(folder: Path, list_file: Path) -> set[str]:
+    """The ``LABEL/FILE`` entries of a split list; one leading outside `folder` is refused."""
+    entries = set()
+    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.strip()
+        if entry:
+            safe_child(folder, entry, source=f"--data {list_file} line {n}")
+            entries.add(entry)
+    return entries
 
 
 def tfds_clips(name: str, data_dir: str | None = None) -> list[Clip]:
