@@ -91,8 +91,10 @@ def make_parser():
                        help="forecast raw standardised returns instead of returns in units "
                             "of the window's recent volatility (prices only)")
     train.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                       help="keep the quantile heads' own 10-90%% band instead of rescaling "
-                            "its width to cover 80%% of the validation part")
+                       help="use the model as trained: the quantile heads' own 10-90%% band "
+                            "and the point head unchanged, instead of a band fitted to cover "
+                            "80%% of the validation part and a point forecast shrunk toward "
+                            "persistence by the weight that minimises the validation MAE")
     evaluate = commands[TASK, "evaluate"]
     evaluate.add_argument("--walk-forward", type=positive_int, default=1, metavar="K",
                           help="also report the metrics on K consecutive date blocks of the "
@@ -159,11 +161,11 @@ def train(args: argparse.Namespace) -> int:
 
     def serving(model):
         # Called by `train` with the best weights, before the SavedModel is written:
-        # the quantile band is calibrated on the validation part here (never the test).
+        # the quantile band and the point shrinkage are fitted on the validation part
+        # here (never the test).
         val = parts["validation"]
         if args.calibrate and len(val) >= 20:
-            scale["band"] = M.calibrate_band(M.predict_z(model, val.x),
-                                             M.encode(val, scale, settings))
+            scale.update(M.calibrate(M.predict_z(model, val.x), val, scale, settings))
         return M.ForecastServing(model, settings, scale)
 
     with runs.open_run(args.run_dir, app=APP, task=TASK, resume=args.resume) as run:
@@ -182,7 +184,7 @@ def train(args: argparse.Namespace) -> int:
         table = evaluation.compare_by_ticker(pred, test, stats, kind)
         runs.write_json(run.metrics, {**result.metrics, "comparison": table})
         config = run.read_config()
-        config["app_settings"]["target_scale"] = scale  # now with the calibrated band
+        config["app_settings"]["target_scale"] = scale  # now with the calibration
         runs.write_json(run.config, config)
     print(summary_table(table, kind))
     return 0

@@ -1,0 +1,143 @@
+"""apps.finance.model: the validation calibration (point shrinkage, conformal band, vol floor).
+
+Synthetic numbers only, no training: every test here runs in well under a second
+once TensorFlow is imported.
+"""
+
+import numpy as np
+import pytest
+
+from apps.finance import model as M
+from apps.finance.data import Settings, Windows
+
+RNG_SEED = 7
+
+
+def windows(x: np.ndarray, y: np.ndarray, last: np.ndarray) -> Windows:
+    n = len(y)
+    return Windows(x=x.astype(np.float32), y=y, last=last,
+                   dates=np.arange(n).astype("datetime64[D]"), ticker=np.full(n, "t"))
+
+
+@pytest.mark.parametrize("kind", ["return", "price", "level"])
+def test_shrinkage_is_one_for_a_perfect_model_and_near_zero_for_noise(kind):
+    rng = np.random.default_rng(RNG_SEED)
+    n = 5000
+    last = rng.uniform(50, 150, n) if kind != "return" else np.zeros(n)
+    change = rng.laplace(0, 0.01, n)  # what really happens
+    noise = rng.laplace(0, 0.01, n)  # a "forecast" that knows nothing
+    y = M.to_units(change, last, kind) if kind != "return" else change
+    perfect = y.copy()
+    useless = M.to_units(noise, last, kind) if kind != "return" else noise
+    assert M.fit_shrinkage(perfect, y, last, kind) == 1.0
+    # Knows nothing: exactly persistence (the gain is not significant, or there is none).
+    assert M.fit_shrinkage(useless, y, last, kind) == 0.0
+    # A small but real edge on few windows is not trusted; on many windows it is.
+    edge = 0.1 * change + noise
+    edge = M.to_units(edge, last, kind) if kind != "return" else edge
+    assert M.fit_shrinkage(edge[:50], y[:50], last[:50], kind) == 0.0
+    assert M.fit_shrinkage(edge, y, last, kind, min_t=-np.inf) > 0.0
+    # Signal plus as much noise: about half weight, and better than both ends.
+    noisy = change + noise
+    mixed = M.to_units(noisy, last, kind) if kind != "return" else noisy
+    w = M.fit_shrinkage(mixed, y, last, kind)
+    assert 0.3 < w < 0.8
+    mae = lambda f: np.mean(np.abs(f - y))  # noqa: E731
+    shrunk = M.to_units(w * noisy, last, kind) if kind != "return" else w * noisy
+    persistence = M.to_units(np.zeros(n), last, kind) if kind != "return" else np.zeros(n)
+    assert mae(shrunk) <= min(mae(mixed), mae(persistence))
+
+
+def test_conformal_offsets_give_the_nominal_coverage_on_exchangeable_data():
+    rng = np.random.default_rng(RNG_SEED)
+
+    def draw(n):
+        # Skewed, heavy-tailed residuals around a median head; the quantile heads
+        # are deliberately far too narrow, so only the offsets can give 80%.
+        mid = rng.normal(0, 1, n)
+        y = mid + rng.standard_t(4, n) * 1.5 + 0.3 * rng.exponential(1, n)
+        z = np.stack([mid, mid - 0.1, mid, mid + 0.1], axis=1)
+        return z, y
+
+    z_val, y_val = draw(4000)
+    lo, hi = M.calibrate_offsets(z_val, y_val)
+    assert lo < 0 < hi
+    z_new, y_new = draw(20000)
+    band = M.offset_band(z_new, lo, hi)
+    inside = (y_new >= band[:, 1]) & (y_new <= band[:, 3])
+    assert inside.mean() == pytest.approx(0.8, abs=0.02)
+    assert np.mean(y_new < band[:, 1]) == pytest.approx(0.1, abs=0.015)
+    np.testing.assert_array_equal(band[:, [0, 2]], z_new[:, [0, 2]])
+    # A median that is far off still gives non-crossing quantiles.
+    lo, hi = M.calibrate_offsets(z_val - 10.0, y_val)
+    assert lo == 0.0 and hi > 0
+
+
+def stock_rows(rng, n, window):
+    """Random-walk OHLCV windows (close in column 3)."""
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, (n, window)), axis=1))
+    rows = np.stack([close, close * 1.01, close * 0.99, close, np.full_like(close, 1e6)], -1)
+    return rows
+
+
+def test_decode_applies_shrinkage_and_offsets_the_same_in_numpy_and_tf():
+    import tensorflow as tf
+
+    settings = Settings(window=20, vol_window=5)
+    rng = np.random.default_rng(RNG_SEED)
+    rows = stock_rows(rng, 64, settings.window)
+    z = np.sort(rng.normal(0, 1, (64, 4)), axis=1)[:, [1, 0, 1, 3]]
+    scale = {"mean": 0.05, "std": 1.3, "band": 1.0, "shrink": 0.3, "vol_floor": 1e-3,
+             "band_lo": -1.1, "band_hi": 0.9}
+    out = M.decode(z, rows, scale, settings)
+    full = M.decode(z, rows, {**scale, "shrink": 1.0}, settings)
+    np.testing.assert_allclose(out[:, 0], 0.3 * full[:, 0])  # return kind: change = units
+    np.testing.assert_allclose(out[:, 1:], full[:, 1:])  # the band is not shrunk
+    vol = M.recent_vol(rows, settings, 1e-3)
+    q10 = ((z[:, 2] - 1.1) * 1.3 + 0.05) * vol
+    np.testing.assert_allclose(out[:, 1], q10)
+    persistence = M.decode(z, rows, {**scale, "shrink": 0.0}, settings)
+    np.testing.assert_array_equal(persistence[:, 0], 0.0)
+    in_tf = M.decode(tf.constant(z, tf.float32), tf.constant(rows, tf.float32), scale,
+                     settings).numpy()
+    np.testing.assert_allclose(in_tf, out, rtol=1e-4, atol=1e-6)
+    # Runs written before the offsets existed keep their width factor.
+    old = {"mean": 0.05, "std": 1.3, "band": 2.0}
+    np.testing.assert_allclose(M.decode(z, rows, old, settings),
+                               M.decode(M.widen_band(z, 2.0), rows, {**old, "band": 1.0},
+                                        settings))
+
+
+def test_volatility_floor_tames_stale_price_windows():
+    settings = Settings(window=20, vol_window=5)
+    rng = np.random.default_rng(RNG_SEED)
+    rows = stock_rows(rng, 2000, settings.window + 1)
+    # 5% of the windows end in six identical closes (tick-rounded, stale prices).
+    stale = rng.random(2000) < 0.05
+    rows[stale, -6:, :4] = rows[stale, -7:-6, :4]
+    x = rows[:, :-1]
+    last = x[:, -1, 3]
+    w = windows(x, rng.normal(0, 0.01, 2000), last)  # tomorrow moves as usual
+    scale = M.fit_target_scale(w, settings)
+    assert scale["vol_floor"] > 1e-3  # a quarter of the median daily vol (~0.01)
+    assert 0.5 < scale["std"] < 3.0  # with the old 1e-4 floor it is in the tens
+    old = w.y / M.recent_vol(x, settings)
+    assert old.std() > 10 * scale["std"]
+    z = M.encode(w, scale, settings)
+    assert abs(z.mean()) < 1e-6 and z.std() == pytest.approx(1.0)
+
+
+def test_serving_module_exports_a_model_with_dropout(tmp_path):
+    import tensorflow as tf
+
+    settings = Settings(window=20, vol_window=5)
+    model = M.build_model(settings, ([0.0] * 4, [1.0] * 4), units=4, dropout=0.2)
+    scale = {"mean": 0.0, "std": 1.0, "shrink": 0.5, "vol_floor": 1e-3, "band_lo": -1.0,
+             "band_hi": 1.0}
+    rows = stock_rows(np.random.default_rng(RNG_SEED), 3, settings.window).astype(np.float32)
+    tf.saved_model.save(M.ForecastServing(model, settings, scale), str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))  # kept: it owns the variables
+    served = loaded.serve(tf.constant(rows))
+    expected = M.decode(M.predict_z(model, rows), rows.astype(np.float64), scale, settings)
+    np.testing.assert_allclose(served["forecast"].numpy(), expected[:, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(served["q90"].numpy(), expected[:, 3], rtol=1e-4, atol=1e-6)
