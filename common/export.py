@@ -106,6 +106,7 @@ def export_saved_model(
                          "an input_signature (the raw input it serves)")
     signature = function.get_concrete_function()
     expected = _as_output_dict(_call(function, sample))
+    _track_keras_variables(module)
     with lock_for_writing(export_dir):
         _check_replaceable(export_dir)
         with atomic_directory(export_dir) as tmp:
@@ -114,6 +115,30 @@ def export_saved_model(
             got = reloaded(**_as_kwargs(reloaded, sample))
             _compare(expected, got, rtol=rtol, atol=atol, where=export_dir)
     return export_dir
+
+
+def _track_keras_variables(module: tf.Module) -> None:
+    """Make every variable of the Keras layers `module` holds a tracked `tf.Variable`.
+
+    Keras 3 wraps each `tf.Variable` in a `keras.Variable` that `tf.Module`
+    does not track. `tf.saved_model.load` still finds them through the
+    functions that use them, but loaders of the graph itself (TensorFlow
+    Serving, `saved_model_cli run`, `tf.compat.v1.saved_model.load`) fail with
+    "Could not find variable" (keras-team/keras#19274). A list of the
+    underlying variables on the module puts them in the SavedModel's
+    variables. It also covers variables outside the weights, such as a
+    dropout layer's seed state.
+    """
+    layers = [value for value in vars(module).values() if isinstance(value, keras.layers.Layer)]
+    seen: set[int] = set()
+    variables = []
+    for layer in layers:
+        for variable in layer.variables:
+            value = getattr(variable, "value", variable)  # the tf.Variable inside
+            if isinstance(value, tf.Variable) and id(value) not in seen:
+                seen.add(id(value))
+                variables.append(value)
+    module.keras_variables = variables
 
 
 def _check_replaceable(export_dir: Path) -> None:

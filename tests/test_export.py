@@ -114,3 +114,25 @@ def test_failed_self_check_keeps_the_previous_export(tmp_path):
         export_saved_model(Stateful(), target, x)
     assert sorted(os.listdir(target)) == before
     assert os.listdir(tmp_path) == ["export"]
+
+
+def test_graph_loaders_find_every_variable(tmp_path):
+    # TensorFlow Serving and `saved_model_cli run` load the graph TF1-style and
+    # need every variable in the SavedModel's variables (keras-team/keras#19274);
+    # the dropout layer adds a seed-state variable outside the weights.
+    import keras
+
+    from common.lstm import LSTM
+
+    inputs = keras.Input((tiny_task.STEPS, tiny_task.FEATURES), name="sequence")
+    hidden = keras.layers.Dropout(0.5)(LSTM(8)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    x = tiny_task.make_data()[2][0][:4]
+    export_saved_model(ModelServing(model), tmp_path / "export", x)
+
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta = tf.compat.v1.saved_model.load(session, ["serve"], str(tmp_path / "export"))
+        signature = meta.signature_def[SIGNATURE]
+        got = session.run(signature.outputs["output"].name,
+                          {signature.inputs["sequence"].name: x})
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

@@ -130,12 +130,15 @@ def test_volatility_floor_tames_stale_price_windows():
 def test_serving_module_exports_a_model_with_dropout(tmp_path):
     import tensorflow as tf
 
+    from common.export import export_saved_model
+
     settings = Settings(window=20, vol_window=5)
     model = M.build_model(settings, ([0.0] * 4, [1.0] * 4), units=4, dropout=0.2)
     scale = {"mean": 0.0, "std": 1.0, "shrink": 0.5, "vol_floor": 1e-3, "band_lo": -1.0,
              "band_hi": 1.0}
     rows = stock_rows(np.random.default_rng(RNG_SEED), 3, settings.window).astype(np.float32)
-    tf.saved_model.save(M.ForecastServing(model, settings, scale), str(tmp_path / "sm"))
+    export_saved_model(M.ForecastServing(model, settings, scale), tmp_path / "sm",
+                       tf.constant(rows))
     loaded = tf.saved_model.load(str(tmp_path / "sm"))  # kept: it owns the variables
     served = loaded.serve(tf.constant(rows))
     expected = M.decode(M.predict_z(model, rows), rows.astype(np.float64), scale, settings)

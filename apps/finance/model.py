@@ -329,10 +329,6 @@ class ForecastServing(tf.Module):
     def __init__(self, model: keras.Model, settings: Settings, scale: dict):
         super().__init__()
         self.model = model
-        # Tracked explicitly: Keras 3 keeps the dropout seed generator's state out
-        # of the model's tf.Module children, and an untracked variable captured by
-        # `serve` makes tf.saved_model.save fail (seen with --dropout > 0).
-        self.model_variables = list(model.variables)
         spec = tf.TensorSpec([None, settings.window, len(settings.raw_columns)], tf.float32,
                              name="rows")
         scale = {k: float(v) for k, v in scale.items()}
