@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Trains every app on its bundled sample, serves each SavedModel from a fresh
+# process and runs the adding problem (~5-7 min on 2 cores), into runs/demo/.
+# Options: `make demo DEMO_ARGS="--quick"` (a 1-2 minute smoke run), see --help.
 demo: $(STAMP)
-	$(PY) -m common.demo
+	$(PY) -m common.demo $(DEMO_ARGS)
 
 # torch (the optional "bench" extra) adds nn.LSTM to the table; without it the
 # benchmark still runs. Pass options with e.g. `make bench BENCH_ARGS=--quick`.
@@ -29,7 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lstm_speed.py $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check common apps tests benchmarks
+	$(PY) -m ruff check common apps tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
