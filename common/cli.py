@@ -294,9 +294,11 @@ def run_main(
     """
     args = parser.parse_args(argv)
     if getattr(args, "debug", False):
+        _start_multiworker(args)
         return handler(args) or 0
     try:
         with filtered_stderr(STARTUP_NOISE):
+            _start_multiworker(args)
             return handler(args) or 0
     except Exception as exc:  # noqa: BLE001  (the point: no raw tracebacks)
         message, code = describe_error(exc)
@@ -305,6 +307,16 @@ def run_main(
     sys.stdout.flush()
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def _start_multiworker(args: argparse.Namespace) -> None:
+    # The apps run TensorFlow ops while reading their data, and a multi-worker
+    # strategy must exist before the first one; `common.training.train` later
+    # gets this same strategy back.
+    if getattr(args, "strategy", None) == "multiworker":
+        from common.distribute import make_strategy
+
+        make_strategy("multiworker")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ XLA-compiled loop and hand-written gradient run once per replica.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,7 +41,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
     Create a ``"multiworker"`` strategy at the start of the program, before
     any other TensorFlow work: it configures the runtime's collective ops and
-    TensorFlow refuses once the runtime is initialised.
+    TensorFlow refuses once the runtime is initialised. Later calls return
+    the same strategy.
 
     Args:
         name: One of ``"default"``, ``"mirrored"``, ``"multiworker"``.
@@ -66,16 +68,26 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     elif name == "multiworker":
-        config = _read_tf_config()
-        strategy = _KerasMultiWorkerMirroredStrategy()
-        logger.info("multi-worker training as %s %d of a %d-worker cluster",
-                    config["task"]["type"], config["task"]["index"],
-                    _num_training_tasks(config["cluster"]))
+        strategy = _multiworker_strategy()
     else:
         raise ValueError(
             f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}.")
     logger.info("strategy %s with %d replica(s) in sync", name,
                 strategy.num_replicas_in_sync)
+    return strategy
+
+
+# One per process, because TensorFlow's collective runtime is: the strategy
+# configures it at start-up, before any other op, and cannot do so again
+# afterwards. So the command line makes it first (`common.cli.run_main`), and
+# `common.training.train`, later, gets the same one back.
+@functools.cache
+def _multiworker_strategy() -> tf.distribute.Strategy:
+    config = _read_tf_config()
+    strategy = _KerasMultiWorkerMirroredStrategy()
+    logger.info("multi-worker training as %s %d of a %d-worker cluster",
+                config["task"]["type"], config["task"]["index"],
+                _num_training_tasks(config["cluster"]))
     return strategy
 
 
@@ -142,13 +154,18 @@ class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrateg
     model before `fit`, and with ``axis=0`` on the scalar losses and metrics of
     every step, where it means the mean across replicas, as on one machine.
     `fit` then fails before training. This class maps `reduce` over nested
-    structures and reduces scalars across replicas only; every other call is
-    the parent's.
+    structures, reduces scalars across replicas only, and gives the build-time
+    call this worker's batch; every other call is the parent's.
     """
 
     def reduce(self, reduce_op, value, axis=None):
         def reduce_one(v):
             local = self.experimental_local_results(v)[0]
+            if axis is None and local.shape.rank != 0:
+                # Only the build-time call reduces whole batches, for their
+                # shapes: this worker's part has them, and an all-reduce would
+                # fail on a last, partial batch that splits unevenly.
+                return local
             across_replicas_only = axis is not None and local.shape.rank == 0
             return super(_KerasMultiWorkerMirroredStrategy, self).reduce(
                 reduce_op, v, None if across_replicas_only else axis)

@@ -178,3 +178,32 @@ def test_multiworker_two_local_workers(tmp_path):
     assert (first["chief"], second["chief"]) == (True, False)
     assert (tmp_path / "worker0" / "inspection").is_dir()
     assert not (tmp_path / "worker1").exists()
+
+
+@pytest.mark.slow
+def test_an_app_trains_with_two_local_workers(tmp_path):
+    # The apps run TensorFlow ops while reading their data, before training
+    # starts; the command line must create the strategy before those.
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "apps.finance", "forecast", "train", "--run-dir",
+         str(tmp_path / f"run{index}"), "--epochs", "1", "--units", "4",
+         "--strategy", "multiworker"],
+        env=child_env(TF_CONFIG=json.dumps({"cluster": cluster,
+                                            "task": {"type": "worker", "index": index}})),
+        cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for index in range(2)]
+    try:
+        for worker in workers:
+            _, stderr = worker.communicate(timeout=TIMEOUT)
+            assert worker.returncode == 0, stderr[-3000:]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    for index in range(2):
+        metrics = json.loads((tmp_path / f"run{index}" / "metrics.json").read_text())
+        assert metrics["epochs_completed"] == 1
+    assert (tmp_path / "run0" / "saved_model" / "saved_model.pb").is_file()
