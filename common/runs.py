@@ -117,6 +117,9 @@ def load_keras(path: str | os.PathLike, *, compile: bool = True):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
+    if not _is_whole_zip(path):  # else Keras says "File not found" for a cut-short file
+        raise UserError(f"{path}: not a loadable .keras model (damaged: cut short or not a "
+                        ".keras zip archive)")
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=compile)
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:

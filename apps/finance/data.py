@@ -35,6 +35,9 @@ TARGET_KINDS = ("auto", "return", "price", "level")
 FEATURES_PRICE = ("returns", "range", "volume", "volatility")
 FEATURES_LEVEL = ("level", "change", "volatility")
 MIN_EXAMPLES = 4  # per part: fewer makes every metric meaningless
+# A file is read whole; decades of daily rows are a few MB, so anything this big
+# is not a daily series (or is damaged, e.g. one endless line) and is refused.
+MAX_FILE_BYTES = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,16 @@ def list_files(path: str | Path) -> list[Path]:
                        if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
             raise UserError(f"--data {path}: the folder has no .csv or .txt files")
-        return files
-    return [path]
+    else:
+        files = [path]
+    for file in files:
+        size = file.stat().st_size
+        if size == 0:
+            raise UserError(f"{file}: the file is empty, expected a CSV with a header row")
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{file}: {size / 2**20:.0f} MB is larger than the limit of "
+                            f"{MAX_FILE_BYTES // 2**20} MB for one file of daily rows")
+    return files
 
 
 def resolve_layout(columns: list[str], target: str | None, target_kind: str,
@@ -150,7 +161,9 @@ def load_file(path: Path, settings: Settings) -> Series:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV file ({_first_line(e)})") from e
+        raise unreadable(path, e) from e
+    if frame.empty:
+        raise UserError(f"{path}: has a header but no data rows")
     columns = {c.strip().lower(): c for c in frame.columns}
     date_col = next((columns[n] for n in DATE_NAMES if n in columns), None)
     if date_col is None:
@@ -188,6 +201,11 @@ def load_file(path: Path, settings: Settings) -> Series:
             i = not_number[0]
             raise UserError(f"{path}: line {lines[i]}, column '{source[name]}': "
                             f"'{text.iloc[i]}' is not a number")
+        infinite = np.flatnonzero(np.isinf(numbers.to_numpy(dtype=np.float64)))
+        if len(infinite):
+            i = infinite[0]
+            raise UserError(f"{path}: line {lines[i]}, column '{source[name]}': "
+                            f"'{text.iloc[i]}' is not a finite number")
         values[:, j] = numbers.to_numpy(dtype=np.float64)
 
     # Dates: sort (with a warning), then reject duplicates.
@@ -256,6 +274,19 @@ def _handle_missing(path, values, day, lines, settings, source):
     return values, day, lines
 
 
+def unreadable(path: Path, e: Exception) -> UserError:
+    """The error for a CSV pandas cannot read; a bad byte is located by line."""
+    if isinstance(e, UnicodeDecodeError):
+        data = Path(path).read_bytes()  # at most MAX_FILE_BYTES (see list_files)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data.count(b"\n", 0, bad.start) + 1
+            return UserError(f"{path}: line {line}: byte 0x{data[bad.start]:02x} is not valid "
+                             "UTF-8; save the file as UTF-8")
+    return UserError(f"{path}: not a readable CSV file ({_first_line(e)})")
+
+
 def _first_line(e: Exception) -> str:
     return next((s.strip() for s in str(e).splitlines() if s.strip()), type(e).__name__)
 
@@ -269,7 +300,7 @@ def resolve_settings(path: str | Path, *, target: str | None, target_kind: str,
     try:
         columns = list(pd.read_csv(first, nrows=0).columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{first}: not a readable CSV file ({_first_line(e)})") from e
+        raise unreadable(first, e) from e
     mode, target, kind = resolve_layout(columns, target, target_kind, str(first))
     features = kwargs.pop("features", None) or (FEATURES_PRICE if mode == "ohlcv"
                                                  else FEATURES_LEVEL if kind == "level"

@@ -156,6 +156,15 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def trained_settings(run) -> dict:
+    """The app settings a finished training wrote to config.json."""
+    settings = run.read_config().get("app_settings")
+    if not settings:
+        raise UserError(f"--run-dir {run.root}: the run has no trained model yet (its "
+                        "training never got going); train it first")
+    return settings
+
+
 # -- textgen ---------------------------------------------------------------------
 
 
@@ -166,7 +175,7 @@ def textgen_handle(args: argparse.Namespace) -> int:
     if args.command == "train":
         return textgen_train(args)
     run = runs.load_run(args.run_dir, app=APP, task="textgen")
-    settings = run.read_config().get("app_settings", {})
+    settings = trained_settings(run)
     if args.command == "evaluate":
         if args.data is not None:
             text = nlp_data.load_text(args.data, args.encoding)
@@ -303,7 +312,7 @@ def sentiment_handle(args: argparse.Namespace) -> int:
     if args.command == "train":
         return sentiment_cv(args) if args.cv else sentiment_train(args)
     run = runs.load_run(args.run_dir, app=APP, task="sentiment")
-    settings = run.read_config().get("app_settings", {})
+    settings = trained_settings(run)
     if args.command == "evaluate":
         if args.data is not None:
             name = nlp_data.tfds_name(args.data)
@@ -335,10 +344,9 @@ def sentiment_handle(args: argparse.Namespace) -> int:
         texts = list(args.texts)
         if args.file:
             raw = nlp_data.read_bytes(args.file, "--file")
-            lines = nlp_data.split_lines(raw)
-            texts += [nlp_data.decode(line, args.encoding or "utf-8", f"--file {args.file} "
-                                      f"line {i}") for i, line in enumerate(lines, 1)
-                      if line.strip()]
+            text = nlp_data.decode(raw, args.encoding or "utf-8", f"--file {args.file}")
+            # Split on "\n" only: U+0085 (byte 0x85 in latin-1) is not a line break here.
+            texts += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
         if not texts:
             raise UserError("nothing to classify: give texts as arguments or --file PATH")
         from apps.nlp import sentiment

@@ -21,6 +21,10 @@ SHAKESPEARE_SAMPLE = SAMPLES / "shakespeare_sample.txt"
 SENTIMENT_SAMPLE = SAMPLES / "sentiment_sample.csv"
 TFDS_PREFIX = "tfds:"
 
+# Files are read whole, and a text is held several times over (bytes, str, int32
+# ids): a bigger one is refused up front rather than exhausting memory.
+MAX_FILE_BYTES = 128 * 2**20
+
 POSITIVE_NAMES = {"positive", "pos", "1", "true", "yes"}
 NEGATIVE_NAMES = {"negative", "neg", "0", "false", "no"}
 
@@ -29,12 +33,16 @@ NEGATIVE_NAMES = {"negative", "neg", "0", "false", "no"}
 
 
 def read_bytes(path: str | Path, flag: str = "--data") -> bytes:
-    """The bytes of `path`; a missing or empty file is a `UserError`."""
+    """The bytes of `path`; a missing, empty or too large file is a `UserError`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{flag} {path}: no such file")
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory, expected a file")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"{flag} {path}: {size / 2**20:.0f} MB is larger than the limit of "
+                        f"{MAX_FILE_BYTES // 2**20} MB for one file; use a part of it")
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{flag} {path}: the file is empty")

@@ -175,6 +175,9 @@ def _cache(args: argparse.Namespace, cfg):
         root = DEFAULT_CACHE_DIR
     elif root.lower() == "none":
         root = None
+    elif Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        raise UserError(f"--cache-dir {root}: is a file, not a folder (pass 'none' to "
+                        "compute features without a cache)")
     return FeatureCache(root, cfg)
 
 
@@ -321,7 +324,8 @@ def words_evaluate(args: argparse.Namespace) -> int:
     chosen = _known_labels(chosen, labels, args.strict)
     xs, kept = data.clip_features(chosen, _cache(args, feat_cfg), strict=args.strict)
     if not kept:
-        raise UserError("no usable recordings to evaluate")
+        raise UserError(f"--data {args.data or run.read_config().get('data')}: no usable "
+                        f"recordings to evaluate (all {len(chosen)} were skipped)")
     x = pad_sequences(xs, settings["max_frames"])
     truth = np.array([labels.index(c.label) for c in kept])
     probs = model.predict(x, batch_size=args.batch_size, verbose=0)
@@ -618,7 +622,8 @@ def digits_evaluate(args: argparse.Namespace) -> int:
                                  settings["test_utterances"],
                                  seed=settings["corpus_seed"] + 2,
                                  sample_rate=feat_cfg.sample_rate,
-                                 max_digits=settings["max_digits"], strict=args.strict)
+                                 max_digits=settings["max_digits"], strict=args.strict,
+                                 source=f"--data {args.data or run.read_config().get('data')}")
     xs, kept = _utterance_features(test, _cache(args, feat_cfg), args.strict)
     truth = [u.digits for u in kept]
     metrics: dict[str, Any] = {}

@@ -81,13 +81,14 @@ def fsdd_clips(folder: Path) -> list[Clip]:
             continue
         digit, speaker, index = match.groups()
         clips.append(Clip(str(path), digit, speaker, int(index)))
+    if not clips:
+        raise UserError(f"--data {folder}: no recordings named {{digit}}_{{speaker}}_{{index}}"
+                        ".wav (FSDD) and no label sub-folders (Speech Commands)"
+                        + (f"; {len(ignored)} other file(s), e.g. {ignored[0]}" if ignored else ""))
     if ignored:
         print(f"note: {folder}: ignored {len(ignored)} file(s) not named "
               f"{{digit}}_{{speaker}}_{{index}}.wav/.flac/.ogg, e.g. {ignored[0]}",
               file=sys.stderr)
-    if not clips:
-        raise UserError(f"--data {folder}: no recordings named {{digit}}_{{speaker}}_{{index}}"
-                        ".wav (FSDD) and no label sub-folders (Speech Commands)")
     return clips
 
 
@@ -254,7 +255,7 @@ class Utterance:
 def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rate: int,
                      min_digits: int = 1, max_digits: int = 7, max_gap: float = 0.25,
                      max_overlap: float = 0.03, trim_db: float = 30.0,
-                     strict: bool = False) -> list[Utterance]:
+                     strict: bool = False, source: str = "the recordings") -> list[Utterance]:
     """`count` random digit strings, each made of ONE speaker's recordings.
 
     Every recording is trimmed of silence; between two digits goes a random gap
@@ -281,9 +282,12 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
             try:
                 y = clip.audio if clip.audio is not None else load_audio(clip.name, sample_rate)
                 y, _ = librosa.effects.trim(y, top_db=trim_db, frame_length=256, hop_length=64)
-                audio_cache[clip.name] = y if y.size > 0 else None
+                audio_cache[clip.name] = y if y.size >= 256 else None
                 if y.size == 0:
                     raise AudioError(f"{clip.name}: silent")
+                if y.size < 256:  # less than one trimming frame: not a spoken digit
+                    raise AudioError(f"{clip.name}: {y.size} samples after trimming silence, "
+                                     "too short for a spoken digit (at least 256)")
             except AudioError as exc:
                 if strict:
                     raise
@@ -300,6 +304,18 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
         pieces = [audio(pools[speaker][d][rng.integers(len(pools[speaker][d]))]) for d in string]
         gaps = rng.uniform(-max_overlap, max_gap, size=n + 1)
         if any(p is None for p in pieces):
+            # Unusable recordings leave the pools, so a folder of bad files cannot
+            # make this loop run forever.
+            for by_digit in pools.values():
+                for digit in list(by_digit):
+                    by_digit[digit] = [c for c in by_digit[digit]
+                                       if audio_cache.get(c.name, 0) is not None]
+                    if not by_digit[digit]:
+                        del by_digit[digit]
+            speakers = sorted(s for s, by_digit in pools.items() if by_digit)
+            if not speakers:
+                raise UserError(f"{source}: no usable digit recordings (every one was "
+                                "skipped, see the warnings)")
             continue
         out.append(Utterance(string, speaker, _join(pieces, gaps, sample_rate)))
     return out

@@ -93,12 +93,21 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         AudioError: missing, empty, not audio, or no samples; names the file.
     """
     import librosa
+    import soundfile
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, expected an audio file (WAV/FLAC/OGG)")
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes), expected audio (WAV/FLAC/OGG)")
+    try:
+        soundfile.info(str(path))  # reads the header only: says why a file is not audio
+    except soundfile.SoundFileError as exc:
+        reason = str(exc).rsplit(": ", 1)[-1]  # "Error opening 'PATH': Format not recognised."
+        raise AudioError(f"{path}: not readable as audio (WAV/FLAC/OGG): "
+                         f"{reason.rstrip('.')}") from None
     try:
         y, _ = librosa.load(path, sr=sample_rate, mono=True)
     except Exception as exc:  # noqa: BLE001  (soundfile/audioread raise many kinds)
@@ -198,8 +207,9 @@ class FeatureCache:
         """MFCCs of an audio file (computed and stored on a miss)."""
         path = Path(path)
         if not path.is_file():
-            raise AudioError(f"{path}: no such file")
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            load_audio(path, self.cfg.sample_rate)  # raises the right AudioError
+        with open(path, "rb") as f:  # in chunks: memory stays bounded for any file size
+            digest = hashlib.file_digest(f, "sha1").hexdigest()
         x = self._load(digest)
         if x is None:
             x = mfcc(load_audio(path, self.cfg.sample_rate), self.cfg, name=str(path))
