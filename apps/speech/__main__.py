@@ -198,6 +198,12 @@ def _saved_settings(run) -> tuple[dict[str, Any], Any]:
     return settings, FeatureConfig.from_dict(settings["features"])
 
 
+def _load_model(run):
+    import apps.speech.model  # noqa: F401  (registers DropMask, which the CTC model uses)
+
+    return run.load_model(compile=False)
+
+
 def _read_files(files: list[str], cfg) -> tuple[list, list[str], list, int]:
     """(features, names, waveforms, bad count) of the files; one error line per bad file."""
     from apps.speech.features import AudioError, load_audio, mfcc
@@ -313,7 +319,7 @@ def words_evaluate(args: argparse.Namespace) -> int:
 
     run = runs.load_run(args.run_dir, app=APP, task="words")
     settings, feat_cfg = _saved_settings(run)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     labels = settings["labels"]
     clips, layout = data.load_clips(args.data or run.read_config().get("data"))
     if args.data:  # all of them; tfds has its own test split
@@ -421,7 +427,7 @@ def words_predict(args: argparse.Namespace) -> int:
     run = runs.load_run(args.run_dir, app=APP, task="words")
     settings, feat_cfg = _saved_settings(run)
     features, names, _, bad = _read_files(args.files, feat_cfg)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     probs = model.predict(pad_sequences(features, settings["max_frames"]), verbose=0)
     for name, p in zip(names, probs, strict=True):
         print(f"{name}\t{settings['labels'][int(p.argmax())]}\t{float(p.max()):.4f}")
@@ -435,7 +441,7 @@ def words_export(args: argparse.Namespace) -> int:
 
     run = runs.load_run(args.run_dir, app=APP, task="words")
     settings, feat_cfg = _saved_settings(run)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     sample = _synthetic_waves(feat_cfg.sample_rate)
     out = export_saved_model(WordServing(model, feat_cfg, settings["labels"]),
                              args.out or run.saved_model, sample)
@@ -613,7 +619,7 @@ def digits_evaluate(args: argparse.Namespace) -> int:
 
     run = runs.load_run(args.run_dir, app=APP, task="digits")
     settings, feat_cfg = _saved_settings(run)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     clips, _ = data.load_clips(args.data or run.read_config().get("data"))
     test_speakers = set(settings["test_speakers"])
     if args.data:  # every speaker of the given recordings is test material
@@ -651,7 +657,7 @@ def digits_predict(args: argparse.Namespace) -> int:
     run = runs.load_run(args.run_dir, app=APP, task="digits")
     _, feat_cfg = _saved_settings(run)
     features, names, _, bad = _read_files(args.files, feat_cfg)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     for name, digits in zip(names, _transcribe(model, features, 16, args.beam_width), strict=True):
         print(f"{name}\t{digits}")
     return 2 if bad else 0
@@ -664,7 +670,7 @@ def digits_export(args: argparse.Namespace) -> int:
 
     run = runs.load_run(args.run_dir, app=APP, task="digits")
     _, feat_cfg = _saved_settings(run)
-    model = run.load_model(compile=False)
+    model = _load_model(run)
     out = export_saved_model(DigitServing(model, feat_cfg, args.beam_width),
                              args.out or run.saved_model, _synthetic_waves(feat_cfg.sample_rate))
     print(f"exported {out}")
