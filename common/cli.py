@@ -44,6 +44,7 @@ STARTUP_NOISE = re.compile(
     r"|failed call to cuInit"
     r"|This TensorFlow binary is optimized to use available CPU instructions"
     r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|oneDNN supports DT_BOOL only on platforms with AVX-512"
 )
 
 COMMANDS = ("train", "evaluate", "predict", "export")

@@ -34,6 +34,8 @@ def test_train_writes_run_with_vectorizer_inside(run_dir):
     config = json.loads((run_dir / "config.json").read_text())["app_settings"]
     assert config["examples"] == {"train": 256, "validation": 32, "test": 32}
     assert (run_dir / "model.keras").exists()
+    # The LSTM inspection probes a few validation reviews (raw strings).
+    assert list((run_dir / "logs" / "inspection").glob("events.out.tfevents.*"))
 
 
 def test_evaluate_json(run_dir, capsys):

@@ -407,7 +407,8 @@ def sentiment_train(args: argparse.Namespace) -> int:
             as_xy(train), as_xy(val), as_xy(test), loss="binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
             data_source=args.data or str(nlp_data_sample()), settings=settings,
-            serving=sentiment.Serving, serving_sample=tf.constant(test.texts[:4]))
+            serving=sentiment.Serving, serving_sample=tf.constant(test.texts[:4]),
+            probe_inputs=sentiment.as_inputs((val.texts if len(val) else train.texts)[:16]))
         probs = sentiment.predict_texts(result.model, test.texts)
         metrics = {**result.metrics,
                    "test_classification": sentiment.classification_metrics(test.labels, probs)}
