@@ -73,7 +73,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" for flags with a meaningful default (not None/False)."""
 
     def _get_help_string(self, action):
@@ -226,12 +226,12 @@ def build_parser(
         The root parser, and a dict (task, command) -> subparser for the app's
         own flags. Parsed namespaces carry ``task`` and ``command``.
     """
-    parser = ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     task_parsers = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     commands: dict[tuple[str, str], ArgumentParser] = {}
     for task, task_help in tasks.items():
         task_parser = task_parsers.add_parser(task, help=task_help, description=task_help,
-                                              formatter_class=_Formatter)
+                                              formatter_class=HelpFormatter)
         command_parsers = task_parser.add_subparsers(dest="command", metavar="COMMAND",
                                                      required=True)
         run_name = (predict_command if isinstance(predict_command, str)
@@ -240,7 +240,7 @@ def build_parser(
             help_text, add_flags = _COMMAND_HELP[command]
             sub = command_parsers.add_parser(command, help=help_text,
                                              description=f"{task}: {help_text}",
-                                             formatter_class=_Formatter)
+                                             formatter_class=HelpFormatter)
             if command == "train":
                 add_train_flags(sub, **(train_defaults or {}).get(task, {}))
             else:

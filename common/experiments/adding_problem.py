@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.cli import ArgumentParser, _Formatter, positive_float, positive_int, run_main
+from common.cli import ArgumentParser, HelpFormatter, positive_float, positive_int, run_main
 from common.errors import UserError
 from common.lstm import LSTM
 from common.runs import versions, write_json
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m common.experiments.adding_problem",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         epilog="The defaults take about 20 minutes on 2 CPU cores (the SimpleRNN runs its\n"
                "whole budget); `--lengths 50 --steps 800` under a minute. Results and their\n"
                "reading: docs/experiments.md.",
