@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.errors import UserError
@@ -112,6 +112,20 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def choice_list(choices: Sequence[str], what: str = "value") -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated subset of `choices`, e.g. ``a,c``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip().lower() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(bad) or repr(text)}; "
+                                             f"choose from {','.join(choices)}")
+        return names
+
+    return parse
 
 
 # -- shared flags ------------------------------------------------------------

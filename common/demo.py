@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli import ArgumentParser, HelpFormatter, describe_error
+from common.cli import ArgumentParser, HelpFormatter, choice_list, describe_error
 from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,7 +458,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="the smallest settings (1 epoch, tiny models): checks that "
                              "everything works in 1-2 minutes; the metrics mean nothing")
-    parser.add_argument("--only", type=_stage_list, metavar="NAME[,NAME]",
+    parser.add_argument("--only", type=choice_list(STAGE_NAMES, "stage"), metavar="NAME[,NAME]",
                         help=f"run only these stages, from {','.join(STAGE_NAMES)}; "
                              "default: all (the serving check runs whenever an app task does)")
     parser.add_argument("--debug", action="store_true",
@@ -466,14 +466,6 @@ def make_parser() -> argparse.ArgumentParser:
                              "of one error line")
     return parser
 
-
-def _stage_list(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in STAGE_NAMES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad) or repr(text)}; "
-                                         f"choose from {','.join(STAGE_NAMES)}")
-    return names
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, Keras on the TF backend, fixed seeds."""
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -14,3 +15,22 @@ def _seeded():
     keras.utils.set_random_seed(1234)
     yield
     keras.backend.clear_session()
+
+
+@pytest.fixture(scope="module")
+def _cheap_gc():
+    """The module's end unfreezes what `freeze_gc_after_each_test` froze."""
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture
+def freeze_gc_after_each_test(_cheap_gc):
+    """Opt in with ``pytestmark = pytest.mark.usefixtures("freeze_gc_after_each_test")``.
+
+    `_seeded`'s clear_session() runs gc.collect() after every test, whose cost
+    grows with the heap of traced TF graphs. Freezing the survivors after each
+    test keeps that collection cheap in modules that trace many models.
+    """
+    yield
+    gc.freeze()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 
 import numpy as np
@@ -11,20 +10,7 @@ import tensorflow as tf
 
 from common.experiments import adding_problem as ap
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_gc():
-    """conftest's clear_session() runs gc.collect() after every test, whose cost grows
-    with the heap of traced TF graphs; freezing the survivors after each test keeps it
-    cheap (as in test_lstm.py). The module's end unfreezes them."""
-    yield
-    gc.unfreeze()
-
-
-@pytest.fixture(autouse=True)
-def _freeze_after_test(_cheap_gc):
-    yield
-    gc.freeze()
+pytestmark = pytest.mark.usefixtures("freeze_gc_after_each_test")
 
 # ---------------------------------------------------------------------------
 # data

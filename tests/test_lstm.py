@@ -7,7 +7,6 @@ the three weights and any initial state.
 
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import os
@@ -20,22 +19,9 @@ import tensorflow as tf
 import common.lstm as lstm_mod
 from common.lstm import LSTM
 
+pytestmark = pytest.mark.usefixtures("freeze_gc_after_each_test")
+
 ATOL = RTOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_gc():
-    """conftest's clear_session() runs gc.collect() after every test, whose cost grows
-    with the heap of traced TF graphs. Freezing the survivors after each test keeps
-    that collection cheap; the module's end unfreezes them for normal collection."""
-    yield
-    gc.unfreeze()
-
-
-@pytest.fixture(autouse=True)
-def _freeze_after_test(_cheap_gc):
-    yield
-    gc.freeze()
 B, T, F, U = 3, 6, 3, 5
 
 

@@ -38,7 +38,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.cli import ArgumentParser, HelpFormatter, positive_float, positive_int, run_main
+from common.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    choice_list,
+    positive_float,
+    positive_int,
+    run_main,
+)
 from common.errors import UserError
 from common.lstm import LSTM
 from common.runs import versions, write_json
@@ -455,14 +462,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _model_list(text: str) -> list[str]:
-    values = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in MODELS]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(bad) or text!r}; "
-                                         f"choose from {','.join(MODELS)}")
-    return values
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
@@ -491,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/adding_problem"), metavar="DIR",
                         help="output directory for results.json, learning_curves.png and "
                              "grad_norms.png (created)")
-    parser.add_argument("--models", type=_model_list, default=",".join(MODELS),
+    parser.add_argument("--models", type=choice_list(MODELS, "model"), default=",".join(MODELS),
                         metavar="M1,M2",
                         help=f"models to train, comma-separated from {','.join(MODELS)}")
     parser.add_argument("--quiet", action="store_true",
