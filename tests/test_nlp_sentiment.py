@@ -142,3 +142,14 @@ def test_tfds_imdb_reviews(tmp_path):
         train, val, test = load_sentiment_splits(None, "tfds:imdb_reviews", seed=0)
         # TFDS's test split is the test set; 10% of its train split validates.
         assert (len(train), len(val), len(test)) == (18, 2, 20)
+
+
+def test_max_pooling_ignores_padding():
+    # --pooling max: the same texts padded to 6 or 12 words give the same output.
+    kwargs = {"vocabulary": ("a", "b", "c"), "embedding_dim": 4, "units": 3, "pooling": "max"}
+    short = sentiment.build_model(sentiment.SentimentConfig(max_len=6, **kwargs))
+    long = sentiment.build_model(sentiment.SentimentConfig(max_len=12, **kwargs))
+    long.set_weights(short.get_weights())
+    texts = sentiment.as_inputs(["a b", "c a b c c"])
+    np.testing.assert_allclose(short(texts).numpy(), long(texts).numpy(), rtol=1e-5)
+    assert short.get_layer("max_over_time") is not None

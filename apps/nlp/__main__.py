@@ -90,6 +90,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=positive_int, default=1, help="number of stacked LSTMs")
     train.add_argument("--dropout", type=unit_interval, default=0.0,
                        help="dropout after each LSTM layer")
+    train.add_argument("--embedding-dropout", type=unit_interval, default=0.0,
+                       help="dropout on the word vectors, before the first LSTM")
     train.add_argument("--steps-per-epoch", type=non_negative_int, default=50,
                        help="batches per epoch (random windows, reshuffled every epoch), so "
                             "validation, checkpoints, samples and --max-minutes act often on "
@@ -136,14 +138,27 @@ def make_parser() -> argparse.ArgumentParser:
                        help="vocabulary size (most frequent words of the training split)")
     train.add_argument("--max-len", type=positive_int, default=256,
                        help="words per text: longer texts are cut, shorter ones padded")
-    train.add_argument("--embedding-dim", type=positive_int, default=64,
-                       help="size of the word embedding")
+    train.add_argument("--embedding-dim", type=positive_int, default=None,
+                       help="size of the word embedding; default: 64, or the dimension of "
+                            "--embeddings")
+    train.add_argument("--embeddings", metavar="PATH", default=None,
+                       help="initialise the embedding with pre-trained word vectors: a "
+                            "GloVe/word2vec text file (`word v1 ... vD` per line, optional "
+                            "`count D` header); build one with `python -m apps.nlp.embeddings "
+                            "build`; words without a vector start random")
+    train.add_argument("--freeze-embeddings", action="store_true",
+                       help="keep the --embeddings vectors fixed (default: fine-tune them)")
     train.add_argument("--units", type=positive_int, default=64,
                        help="units per direction of each bidirectional LSTM")
     train.add_argument("--layers", type=positive_int, default=1,
                        help="number of stacked bidirectional LSTMs")
     train.add_argument("--dropout", type=unit_interval, default=0.3,
                        help="dropout after each LSTM layer")
+    train.add_argument("--embedding-dropout", type=unit_interval, default=0.0,
+                       help="dropout on the word vectors, before the first LSTM")
+    train.add_argument("--pooling", choices=("last", "max"), default="last",
+                       help="what the classifier sees of the last LSTM layer: its final "
+                            "states, or the max over time of all its states")
     train.add_argument("--cv", type=at_least_two, default=None, metavar="K",
                        help="K-fold cross-validation instead of one run: trains K models and "
                             "writes per-fold and mean test metrics to RUN/cv.json")
@@ -373,13 +388,49 @@ def sentiment_handle(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_word_vectors(args: argparse.Namespace, texts: list[str]):
+    """The --embeddings vectors of the words of `texts`, or None without --embeddings.
+
+    Runs before TensorFlow is imported and before the run directory is opened,
+    so a bad vectors file fails fast. Sets args.embedding_dim to the file's
+    dimension (and rejects an explicit --embedding-dim that differs).
+    """
+    from apps.nlp import embeddings
+
+    if args.embeddings is None:
+        if args.freeze_embeddings:
+            raise UserError("--freeze-embeddings needs --embeddings PATH")
+        args.embedding_dim = args.embedding_dim or 64
+        return None
+    words = {w for text in texts for w in embeddings.tokenize(text)}
+    vectors, dim = embeddings.read_vectors(args.embeddings, words)
+    if args.embedding_dim not in (None, dim):
+        raise UserError(f"--embedding-dim {args.embedding_dim}: the vectors in --embeddings "
+                        f"{args.embeddings} have dimension {dim}; drop --embedding-dim or "
+                        "make them match")
+    args.embedding_dim = dim
+    print(f"--embeddings: vectors for {len(vectors)} of the {len(words)} words of the data "
+          f"(dimension {dim})", flush=True)
+    return vectors
+
+
 def _sentiment_config(args, texts):
     from apps.nlp import sentiment
 
     return sentiment.SentimentConfig(
         vocabulary=sentiment.adapt_vocabulary(texts, args.max_tokens), max_len=args.max_len,
         embedding_dim=args.embedding_dim, units=args.units, layers=args.layers,
-        dropout=args.dropout)
+        dropout=args.dropout, embedding_dropout=args.embedding_dropout, pooling=args.pooling,
+        embeddings=args.embeddings, freeze_embeddings=args.freeze_embeddings)
+
+
+def _initial_embeddings(config, vectors, seed: int):
+    """The Embedding's starting matrix from `vectors`, or None (random init)."""
+    if vectors is None:
+        return None
+    from apps.nlp import embeddings
+
+    return embeddings.embedding_matrix(config.vocabulary, vectors, config.embedding_dim, seed)
 
 
 def _loader_settings(args) -> dict:
@@ -389,6 +440,7 @@ def _loader_settings(args) -> dict:
 
 def sentiment_train(args: argparse.Namespace) -> int:
     train, val, test = load_sentiment_splits(args, args.data, args.seed)
+    vectors = load_word_vectors(args, train.texts)
 
     import keras
     import tensorflow as tf
@@ -403,7 +455,8 @@ def sentiment_train(args: argparse.Namespace) -> int:
     as_xy = lambda part: (sentiment.as_inputs(part.texts), part.labels.astype("float32"))  # noqa
     with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
         result = training.train(
-            run, training.TrainConfig.from_args(args), lambda: sentiment.build_model(config),
+            run, training.TrainConfig.from_args(args),
+            lambda: sentiment.build_model(config, _initial_embeddings(config, vectors, args.seed)),
             as_xy(train), as_xy(val), as_xy(test), loss="binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
             data_source=args.data or str(nlp_data_sample()), settings=settings,
@@ -436,6 +489,8 @@ def sentiment_cv(args: argparse.Namespace) -> int:
     if len(full) < 2 * args.cv:
         raise UserError(f"--cv {args.cv}: the data has only {len(full)} examples")
     parts = nlp_data.folds(len(full), args.cv, args.seed)
+    # The vectors of every word of the data (each fold keeps those of its vocabulary).
+    vectors = load_word_vectors(args, full.texts)
 
     import keras
     import numpy as np
@@ -455,7 +510,8 @@ def sentiment_cv(args: argparse.Namespace) -> int:
             training.set_seed(args.seed + k)
             keras.backend.clear_session()
             model_config = _sentiment_config(args, train.texts)
-            model = sentiment.build_model(model_config)
+            model = sentiment.build_model(
+                model_config, _initial_embeddings(model_config, vectors, args.seed + k))
             train_ds = training.as_dataset(
                 (sentiment.as_inputs(train.texts), train.labels.astype("float32")),
                 args.batch_size, shuffle=True, seed=args.seed + k)

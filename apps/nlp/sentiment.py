@@ -4,7 +4,9 @@
                 -> Dense(1, sigmoid) = P(positive)
 
 The vectorizer is adapted on the training split only and lives inside the
-model, so model.keras and the SavedModel take raw strings.
+model, so model.keras and the SavedModel take raw strings. The Embedding can
+start from pre-trained word vectors (apps/nlp/embeddings.py); they end up in
+the model's weights, so serving still needs nothing but the strings.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class SentimentConfig:
     units: int = 64
     layers: int = 1
     dropout: float = 0.3
+    embedding_dropout: float = 0.0  # dropout on the word vectors (regularises fine-tuning)
+    pooling: str = "last"  # "last": the final states; "max": max over time of every state
+    embeddings: str | None = None  # the pre-trained vectors file, if any
+    freeze_embeddings: bool = False
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -43,23 +49,41 @@ def adapt_vocabulary(texts: list[str], max_tokens: int) -> tuple[str, ...]:
     return tuple(str(w) for w in vectorizer.get_vocabulary()[2:])
 
 
-def build_model(config: SentimentConfig) -> keras.Model:
-    """(batch,) strings -> (batch, 1) probability of the positive class."""
+def build_model(config: SentimentConfig,
+                embedding_matrix: np.ndarray | None = None) -> keras.Model:
+    """(batch,) strings -> (batch, 1) probability of the positive class.
+
+    `embedding_matrix` (len(vocabulary) + 2, embedding_dim) initialises the
+    Embedding (see embeddings.embedding_matrix); it is set as a weight, not as
+    an initializer, so the model's config stays small.
+    """
     inputs = keras.Input(shape=(1,), dtype="string", name="text")
     # Fixed output length: every batch has one shape, so the LSTM compiles once.
     ids = keras.layers.TextVectorization(vocabulary=list(config.vocabulary),
                                          output_sequence_length=config.max_len,
                                          name="vectorizer")(inputs)
-    x = keras.layers.Embedding(len(config.vocabulary) + 2, config.embedding_dim, mask_zero=True,
-                               name="embedding")(ids)
+    embedding = keras.layers.Embedding(len(config.vocabulary) + 2, config.embedding_dim,
+                                       mask_zero=True, trainable=not config.freeze_embeddings,
+                                       name="embedding")
+    x = embedding(ids)
+    if config.embedding_dropout > 0:
+        x = keras.layers.Dropout(config.embedding_dropout, name="embedding_dropout")(x)
     for i in range(config.layers):
         last = i == config.layers - 1
-        x = keras.layers.Bidirectional(LSTM(config.units, return_sequences=not last),
+        sequences = not last or config.pooling == "max"
+        x = keras.layers.Bidirectional(LSTM(config.units, return_sequences=sequences),
                                        name=f"bilstm_{i}")(x)
+        if last and config.pooling == "max":
+            # Max over time of every state: a word anywhere in the text can decide.
+            # Masked (padding) steps repeat the last real state, so they change nothing.
+            x = keras.layers.GlobalMaxPooling1D(name="max_over_time")(x)
         if config.dropout > 0:
             x = keras.layers.Dropout(config.dropout, name=f"dropout_{i}")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="positive", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="sentiment")
+    model = keras.Model(inputs, outputs, name="sentiment")
+    if embedding_matrix is not None:
+        embedding.set_weights([embedding_matrix])  # raises on a shape mismatch
+    return model
 
 
 def as_inputs(texts: list[str]) -> np.ndarray:
