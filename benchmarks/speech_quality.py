@@ -2,6 +2,7 @@
 
     python benchmarks/speech_quality.py                       # everything
     python benchmarks/speech_quality.py --only official --max-minutes 10
+    python benchmarks/speech_quality.py --table-only     # the .txt again from the .json
 
 Runs, each through the real command line into its own run directory:
 
@@ -50,7 +51,47 @@ def words(run_dir: Path, args, extra: list[str]) -> dict:
     trained = json.loads((run_dir / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "test_examples": metrics["examples"],
             "epochs": trained["epochs_completed"], "stopped": trained["stopped"],
-            "minutes": round((time.time() - started) / 60, 1)}
+            "minutes": round((time.time() - started) / 60, 1),
+            "augmentation": augmentation(run_dir)}
+
+
+def augmentation(run_dir: Path) -> dict:
+    """The augmentation settings the run used (the CLI defaults unless told)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    return config["app_settings"].get("augmentation", {})
+
+
+def render(report: dict) -> str:
+    """The Markdown table of a report; a "before" column when the report keeps one."""
+    before = report.get("before", {})
+
+    def old(*keys: str) -> str:
+        value = before
+        for key in keys:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return f"{value:.4f}" if isinstance(value, float) else ""
+
+    lines = ["| run | metric | target | before | after | epochs | stopped |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    if "official" in report:
+        r = report["official"]
+        lines.append(f"| official split | accuracy | >= 0.99 | {old('official', 'accuracy')} | "
+                     f"{r['accuracy']:.4f} | {r['epochs']} | {r['stopped']} |")
+    if "loso" in report:
+        for s, r in report["loso"]["per_speaker"].items():
+            lines.append(f"| leave out {s} | accuracy | | "
+                         f"{old('loso', 'per_speaker', s, 'accuracy')} | {r['accuracy']:.4f} | "
+                         f"{r['epochs']} | {r['stopped']} |")
+        lines.append(f"| leave-one-out mean | accuracy | >= 0.95 | {old('loso', 'mean')} | "
+                     f"{report['loso']['mean']:.4f} | | |")
+    if "digits" in report:
+        r = report["digits"]
+        lines.append(f"| digits ({', '.join(r['test_speakers'])}) | WER | <= 0.05 | "
+                     f"{old('digits', 'wer')} | {r['wer']:.4f} | {r['epochs']} | "
+                     f"{r['stopped']} |")
+        lines.append(f"| digits | sequence accuracy | | {old('digits', 'sequence_accuracy')} | "
+                     f"{r['sequence_accuracy']:.4f} | | |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -68,8 +109,12 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=15.0, help="budget per run")
     parser.add_argument("--utterances", type=int, default=3000,
                         help="connected-digit training utterances")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rewrite the .txt table from the .json")
     args = parser.parse_args()
     parts = args.only or ["official", "loso", "digits"]
+    if args.table_only:
+        parts = []
     out = RESULTS / "speech_quality.json"
     report = json.loads(out.read_text()) if out.exists() else {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -84,6 +129,7 @@ def main() -> None:
                           "mean": sum(r["accuracy"] for r in loso.values()) / len(loso)}
     if "digits" in parts:
         run_dir = args.out / f"digits-{stamp}"
+        started = time.time()
         cli("digits", "train", "--data", str(args.data), "--run-dir", str(run_dir),
             "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
             "--utterances", str(args.utterances), "--cache-dir", str(args.cache_dir))
@@ -91,24 +137,16 @@ def main() -> None:
                       str(args.cache_dir), "--json")
         trained = json.loads((run_dir / "metrics.json").read_text())
         report["digits"] = {**metrics, "epochs": trained["epochs_completed"],
-                            "stopped": trained["stopped"], "target": "wer <= 0.05"}
+                            "stopped": trained["stopped"], "target": "wer <= 0.05",
+                            "training_utterances": args.utterances,
+                            "minutes": round((time.time() - started) / 60, 1),
+                            "augmentation": augmentation(run_dir)}
 
-    lines = ["| run | metric | value | epochs | stopped |", "| --- | --- | --- | --- | --- |"]
-    if "official" in report:
-        r = report["official"]
-        lines.append(f"| official split | accuracy | {r['accuracy']:.4f} | {r['epochs']} | "
-                     f"{r['stopped']} |")
-    if "loso" in report:
-        for s, r in report["loso"]["per_speaker"].items():
-            lines.append(f"| leave out {s} | accuracy | {r['accuracy']:.4f} | {r['epochs']} | "
-                         f"{r['stopped']} |")
-        lines.append(f"| leave-one-out mean | accuracy | {report['loso']['mean']:.4f} | | |")
-    if "digits" in report:
-        r = report["digits"]
-        lines.append(f"| digits ({', '.join(r['test_speakers'])}) | WER | {r['wer']:.4f} | "
-                     f"{r['epochs']} | {r['stopped']} |")
-        lines.append(f"| digits | sequence accuracy | {r['sequence_accuracy']:.4f} | | |")
-    table = "\n".join(lines)
+    # Re-read before writing: another invocation (say --only digits) may have
+    # finished in the meantime; only this run's parts are replaced.
+    latest = json.loads(out.read_text()) if out.exists() else {}
+    report = {**latest, **{k: report[k] for k in parts}}
+    table = render(report)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -33,6 +33,9 @@ def test_run_directory(run):
     settings = json.loads((run_dir / "config.json").read_text())["app_settings"]
     assert settings["labels"] == list("0123456789")
     assert settings["examples"]["test"] == 30  # index 0 of 3 speakers x 10 digits
+    # The default augmentation, speed perturbation included, was used and recorded.
+    assert settings["augmentation"]["speed"] == [0.9, 1.1]
+    assert settings["augmentation"]["time_masks"] == settings["augmentation"]["freq_masks"] == 2
     assert list(cache.rglob("*.npz"))  # the MFCC cache was filled
 
 

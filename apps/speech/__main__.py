@@ -30,8 +30,10 @@ from common.cli import (
 from common.errors import UserError
 
 APP = "speech"
-WORD_DEFAULTS = {"hop_ms": 10.0, "units": 64, "layers": 2}
-DIGIT_DEFAULTS = {"hop_ms": 20.0, "units": 96, "layers": 2}
+# Masking widths are in frames, so they follow the hop: ~50 ms for words, ~60 ms
+# for digits (shorter than a digit, so CTC's labels stay right).
+WORD_DEFAULTS = {"hop_ms": 10.0, "units": 64, "layers": 2, "time_width": 5}
+DIGIT_DEFAULTS = {"hop_ms": 20.0, "units": 96, "layers": 2, "time_width": 3}
 
 
 # -- command line -------------------------------------------------------------------
@@ -87,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="augmentation: std of Gaussian noise added to the normalised MFCCs")
     digits.add_argument("--gain", type=non_negative_float, default=0.1,
                         help="augmentation: random gain, features scaled by 1 +/- this")
+    for task, defaults in (("words", WORD_DEFAULTS), ("digits", DIGIT_DEFAULTS)):
+        _augment_flags(commands[task, "train"], defaults)
     for command in ("train", "evaluate", "predict", "export"):
         commands["digits", command].add_argument(
             "--beam-width", type=non_negative_int, default=8,
@@ -129,6 +133,40 @@ def _feature_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
                         help="MFCCs only, without deltas and delta-deltas")
 
 
+def _speeds(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("none", "1", "1.0", ""):
+        return ()
+    try:
+        factors = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected speed factors separated by commas (e.g. 0.9,1.1) or 'none', "
+            f"got '{text}'") from None
+    if not factors or any(not 0.5 <= f <= 2.0 for f in factors):
+        raise argparse.ArgumentTypeError(f"speed factors must be between 0.5 and 2, got '{text}'")
+    return tuple(f for f in dict.fromkeys(factors) if f != 1.0)
+
+
+def _augment_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """SpecAugment-style masking and speed perturbation (training data only)."""
+    parser.add_argument("--time-masks", type=non_negative_int, default=2,
+                        help="augmentation: time spans per example set to the mean "
+                             "(SpecAugment); 0 disables")
+    parser.add_argument("--time-mask-width", type=non_negative_int,
+                        default=defaults["time_width"],
+                        help="augmentation: longest masked time span, in frames (and at most "
+                             "an eighth of the example)")
+    parser.add_argument("--freq-masks", type=non_negative_int, default=2,
+                        help="augmentation: bands of MFCC coefficients per example set to the "
+                             "mean (the same ones in the deltas); 0 disables")
+    parser.add_argument("--freq-mask-width", type=non_negative_int, default=2,
+                        help="augmentation: widest masked band, in coefficients")
+    parser.add_argument("--speed", type=_speeds, default=(0.9, 1.1), metavar="F,F",
+                        help="augmentation: speed perturbation factors besides 1 (audio "
+                             "resampled, so tempo and pitch change; features cached per "
+                             "factor); 'none' disables (default: 0.9,1.1)")
+
+
 def _model_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     parser.add_argument("--units", type=positive_int, default=defaults["units"],
                         help="LSTM units per direction")
@@ -138,6 +176,11 @@ def _model_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
                         help="forward LSTMs only (default: bidirectional)")
     parser.add_argument("--dropout", type=non_negative_float, default=0.2,
                         help="dropout after every LSTM layer")
+
+
+def _masking(args: argparse.Namespace) -> dict[str, int]:
+    return {"time_masks": args.time_masks, "time_mask_width": args.time_mask_width,
+            "freq_masks": args.freq_masks, "freq_mask_width": args.freq_mask_width}
 
 
 def _cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -257,15 +300,24 @@ def words_train(args: argparse.Namespace) -> int:
     for split in data.SPLITS:
         feats[split] = data.clip_features(splits[split], cache, strict=args.strict,
                                           what=f"{split} recordings")
+    # Speed-perturbed copies of every training clip; each epoch draws one version
+    # (original or a perturbed one) per clip, so an epoch costs the same.
+    variants = [data.clip_features(feats["train"][1], cache, strict=False, speed=f,
+                                   what=f"training recordings at speed {f:g}")
+                for f in args.speed]
+    if any(len(kept) != len(feats["train"][1]) for _, kept in variants):
+        variants = []  # a clip too short once perturbed: keep the originals only
     labels = sorted(data.label_counts(feats["train"][1]))
     if len(labels) < 2:
         raise UserError(f"--data {args.data or data.SAMPLES}: need at least 2 labels to train, "
                         f"found {labels}")
     index = {label: i for i, label in enumerate(labels)}
-    frames = args.max_frames or min(200, -(-max(len(x) for x in feats["train"][0]) // 16) * 16)
+    longest = max(len(x) for xs, _ in [feats["train"], *variants] for x in xs)
+    frames = args.max_frames or min(200, -(-longest // 16) * 16)
 
-    def arrays(split):
-        xs, cs = feats[split]
+    def arrays(split, xs=None):
+        cs = feats[split][1]
+        xs = feats[split][0] if xs is None else xs
         keep = [i for i, c in enumerate(cs) if c.label in index]
         if len(keep) < len(cs):
             print(f"warning: {split}: skipped {len(cs) - len(keep)} recording(s) whose label "
@@ -279,10 +331,19 @@ def words_train(args: argparse.Namespace) -> int:
     train_xy, val_xy, test_xy = arrays("train"), arrays("validation"), arrays("test")
     keras.utils.set_random_seed(args.seed)
     batch = min(args.batch_size, len(train_xy[1]))
-    train_ds = (tf.data.Dataset.from_tensor_slices(train_xy)
+    augment = augment_fn(args.seed, args.noise, args.shift, args.gain,
+                         time_masks=args.time_masks, time_width=args.time_mask_width,
+                         freq_masks=args.freq_masks, freq_width=args.freq_mask_width,
+                         blocks=3 if feat_cfg.deltas else 1)
+    train_ds = tf.data.Dataset.from_tensor_slices(train_xy)
+    if variants:
+        # (N, versions, frames, dim): the original first, then one per speed factor.
+        stacked = np.stack([train_xy[0], *(arrays("train", xs)[0] for xs, _ in variants)], 1)
+        train_ds = tf.data.Dataset.from_tensor_slices((stacked, train_xy[1])).map(
+            lambda xs, y: (xs[tf.random.uniform([], 0, len(variants) + 1, tf.int32)], y))
+    train_ds = (train_ds
                 .shuffle(len(train_xy[1]), seed=args.seed, reshuffle_each_iteration=True)
-                .map(augment_fn(args.seed, args.noise, args.shift, args.gain),
-                     num_parallel_calls=tf.data.AUTOTUNE)
+                .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                 .batch(batch, drop_remainder=True)  # one batch shape: one XLA compile
                 .prefetch(tf.data.AUTOTUNE))
     test_clips = feats["test"][1] or feats["validation"][1] or feats["train"][1]
@@ -292,7 +353,8 @@ def words_train(args: argparse.Namespace) -> int:
     settings = {"layout": layout, "features": feat_cfg.to_dict(), "model": vars(model_cfg),
                 "labels": labels, "max_frames": frames, "test_speakers": list(args.test_speakers),
                 "split_seed": args.seed,
-                "augmentation": {"noise": args.noise, "shift": args.shift, "gain": args.gain},
+                "augmentation": {"noise": args.noise, "shift": args.shift, "gain": args.gain,
+                                 **_masking(args), "speed": list(args.speed) if variants else []},
                 "examples": {s: len(feats[s][1]) for s in data.SPLITS}}
     print(f"words: {len(labels)} labels, {settings['examples']} examples, {frames} frames of "
           f"{feat_cfg.dim} features", flush=True)
@@ -477,17 +539,22 @@ def _digit_corpus(clips, test_speakers, seed: int, count: int, test_count: int,
             data.connected_digits(test_side, test_count, seed=seed + 2, **kw))
 
 
-def _utterance_features(utterances, cache, strict: bool):
+def _utterance_features(utterances, cache, strict: bool, speeds=(), seed: int = 0):
+    """MFCCs of the utterances; with `speeds`, each one is played at a speed drawn
+    (seeded) from 1 and those factors."""
     import keras
+    import numpy as np
 
     from apps.speech.features import AudioError
 
+    factors = np.random.default_rng(seed).choice([1.0, *speeds], size=len(utterances))
     out, kept = [], []
     bar = keras.utils.Progbar(len(utterances), unit_name="utterance",
                               verbose=1 if sys.stdout.isatty() else 2)
     for i, u in enumerate(utterances):
         try:
-            out.append(cache.wave_features(u.waveform, f"utterance '{u.digits}' ({u.speaker})"))
+            out.append(cache.wave_features(u.waveform, f"utterance '{u.digits}' ({u.speaker})",
+                                           float(factors[i])))
             kept.append(u)
         except AudioError as exc:
             if strict:
@@ -500,13 +567,10 @@ def _utterance_features(utterances, cache, strict: bool):
 BUCKET = 32  # digits: frames are padded to a multiple of this (a few XLA shapes)
 
 
-def _bucketed(features, targets, batch_size: int, *, shuffle: bool, seed: int, noise=0.0,
-              gain=0.0):
+def _bucketed(features, targets, batch_size: int, *, shuffle: bool, seed: int, augment=None):
     """A tf.data pipeline of (padded features, CTC targets), one bucket per batch."""
     import numpy as np
     import tensorflow as tf
-
-    from apps.speech.model import augment_fn
 
     lengths = np.array([len(x) for x in features])
     ragged = tf.RaggedTensor.from_row_lengths(np.concatenate(features), lengths)
@@ -524,9 +588,8 @@ def _bucketed(features, targets, batch_size: int, *, shuffle: bool, seed: int, n
     buckets = np.searchsorted(boundaries, lengths, side="right")
     batches = sum(-(-int(n) // batch_size) for n in np.bincount(buckets) if n)
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
-    if shuffle and (noise or gain):
-        aug = augment_fn(seed, noise, 0, gain)
-        ds = ds.map(lambda x, y: (tf.map_fn(lambda e: aug(e, 0)[0], x), y))
+    if augment is not None:
+        ds = ds.map(lambda x, y: (tf.map_fn(lambda e: augment(e, 0)[0], x), y))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -558,6 +621,7 @@ def digits_train(args: argparse.Namespace) -> int:
     from apps.speech.model import (
         DIGITS,
         DigitServing,
+        augment_fn,
         build_ctc_model,
         ctc_loss,
         ctc_targets,
@@ -578,20 +642,28 @@ def digits_train(args: argparse.Namespace) -> int:
     cache = _cache(args, feat_cfg)
     print(f"digits: building MFCCs of {sum(len(s) for s in sets)} utterances "
           f"(test speakers: {', '.join(test_speakers)})", flush=True)
-    prepared = [_utterance_features(s, cache, args.strict) for s in sets]
+    # Training utterances only are speed-perturbed (one seeded factor each).
+    prepared = [_utterance_features(s, cache, args.strict, args.speed if i == 0 else (),
+                                    args.corpus_seed) for i, s in enumerate(sets)]
     keras.utils.set_random_seed(args.seed)
+    augment = augment_fn(args.seed, args.noise, 0, args.gain, time_masks=args.time_masks,
+                         time_width=args.time_mask_width, freq_masks=args.freq_masks,
+                         freq_width=args.freq_mask_width, blocks=3 if feat_cfg.deltas else 1)
+    if not (args.noise or args.gain or args.time_masks * args.time_mask_width
+            or args.freq_masks * args.freq_mask_width):
+        augment = None  # nothing to perturb: no per-batch map
     datasets = []
     for i, (xs, us) in enumerate(prepared):
         targets = ctc_targets([u.digits for u in us], [len(x) for x in xs], args.max_digits)
         datasets.append(_bucketed(xs, targets, args.batch_size, shuffle=i == 0, seed=args.seed,
-                                  noise=args.noise if i == 0 else 0.0,
-                                  gain=args.gain if i == 0 else 0.0))
+                                  augment=augment if i == 0 else None))
     model_cfg = _model_config(args)
     settings = {"layout": layout, "features": feat_cfg.to_dict(), "model": vars(model_cfg),
                 "test_speakers": list(test_speakers), "corpus_seed": args.corpus_seed,
                 "utterances": args.utterances, "test_utterances": args.test_utterances,
                 "max_digits": args.max_digits, "beam_width": args.beam_width,
-                "augmentation": {"noise": args.noise, "gain": args.gain}}
+                "augmentation": {"noise": args.noise, "gain": args.gain, **_masking(args),
+                                 "speed": list(args.speed)}}
     test_xs, test_us = prepared[2]
     with runs.open_run(args.run_dir, app=APP, task="digits", resume=args.resume) as run:
         result = training.train(

@@ -193,8 +193,9 @@ def split_clips(clips: Sequence[Clip], *, test_speakers: Sequence[str] = (),
 
 
 def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = False,
-                  what: str = "recordings") -> tuple[list[np.ndarray], list[Clip]]:
-    """MFCCs of every usable clip, with a progress bar.
+                  what: str = "recordings", speed: float = 1.0,
+                  ) -> tuple[list[np.ndarray], list[Clip]]:
+    """MFCCs of every usable clip (speed-perturbed by `speed`), with a progress bar.
 
     Bad clips are skipped with a warning naming each and a count at the end, or,
     with `strict`, the first one raises `AudioError`.
@@ -210,7 +211,7 @@ def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = 
            if len(clips) > 200 else None)
     for i, clip in enumerate(clips):
         try:
-            features.append(_features_of(clip, cache))
+            features.append(_features_of(clip, cache, speed))
             kept.append(clip)
         except AudioError as exc:
             if strict:
@@ -225,15 +226,15 @@ def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = 
     return features, kept
 
 
-def _features_of(clip: Clip, cache: FeatureCache) -> np.ndarray:
+def _features_of(clip: Clip, cache: FeatureCache, speed: float = 1.0) -> np.ndarray:
     if clip.audio is None:
-        return cache.file_features(clip.name)
+        return cache.file_features(clip.name, speed)
     audio = clip.audio
     if clip.rate and clip.rate != cache.cfg.sample_rate:
         import librosa
 
         audio = librosa.resample(audio, orig_sr=clip.rate, target_sr=cache.cfg.sample_rate)
-    return cache.wave_features(audio, clip.name)
+    return cache.wave_features(audio, clip.name, speed)
 
 
 def label_counts(clips: Iterable[Clip]) -> Counter:

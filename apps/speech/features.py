@@ -155,6 +155,22 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig, *, name: str = "waveform") -> np.nda
     return normalise(x)
 
 
+def speed_perturb(y: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
+    """The waveform played `factor` times faster (Kaldi/sox "speed" perturbation).
+
+    Resampling from `factor * sample_rate` to `sample_rate` shortens the clip by
+    `factor` and scales every frequency (pitch and formants) by it: roughly what
+    a speaker with a shorter or longer vocal tract sounds like, which is why it
+    helps speaker-independent recognition (Ko et al., 2015).
+    """
+    import librosa
+
+    if factor == 1.0:
+        return y
+    out = librosa.resample(y, orig_sr=factor * sample_rate, target_sr=sample_rate)
+    return out.astype(np.float32)
+
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """Per-utterance mean/variance normalisation of every feature column."""
     mean = x.mean(axis=0, keepdims=True)
@@ -203,26 +219,35 @@ class FeatureCache:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def file_features(self, path: str | os.PathLike) -> np.ndarray:
-        """MFCCs of an audio file (computed and stored on a miss)."""
+    def file_features(self, path: str | os.PathLike, speed: float = 1.0) -> np.ndarray:
+        """MFCCs of an audio file (computed and stored on a miss).
+
+        `speed` != 1 gives the features of the speed-perturbed recording
+        (`speed_perturb`), cached under their own key.
+        """
         path = Path(path)
         if not path.is_file():
             load_audio(path, self.cfg.sample_rate)  # raises the right AudioError
         with open(path, "rb") as f:  # in chunks: memory stays bounded for any file size
             digest = hashlib.file_digest(f, "sha1").hexdigest()
+        if speed != 1.0:
+            digest = hashlib.sha1(f"{digest}:speed={speed!r}".encode()).hexdigest()
         x = self._load(digest)
         if x is None:
-            x = mfcc(load_audio(path, self.cfg.sample_rate), self.cfg, name=str(path))
+            y = speed_perturb(load_audio(path, self.cfg.sample_rate), speed, self.cfg.sample_rate)
+            x = mfcc(y, self.cfg, name=str(path))
             self._store(digest, x)
         return x
 
-    def wave_features(self, y: np.ndarray, name: str) -> np.ndarray:
-        """MFCCs of a waveform already at the configured rate."""
+    def wave_features(self, y: np.ndarray, name: str, speed: float = 1.0) -> np.ndarray:
+        """MFCCs of a waveform already at the configured rate (optionally speed-perturbed)."""
         y = np.ascontiguousarray(y, dtype=np.float32)
         digest = hashlib.sha1(y.tobytes()).hexdigest()
+        if speed != 1.0:
+            digest = hashlib.sha1(f"{digest}:speed={speed!r}".encode()).hexdigest()
         x = self._load(digest)
         if x is None:
-            x = mfcc(y, self.cfg, name=name)
+            x = mfcc(speed_perturb(y, speed, self.cfg.sample_rate), self.cfg, name=name)
             self._store(digest, x)
         return x
 
