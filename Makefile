@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Trains every app on its bundled sample, serves each SavedModel from a fresh
-# process and runs the adding problem (~4 min on 2 cores), into runs/demo/.
+# process and runs the adding problem (~3 min on 2 cores), into runs/demo/.
 # Options: `make demo DEMO_ARGS="--quick"` (a 1-2 minute smoke run), see --help.
 demo: $(STAMP)
 	$(PY) -m common.demo $(DEMO_ARGS)
