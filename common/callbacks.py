@@ -251,6 +251,39 @@ class TimeBudget(keras.callbacks.Callback):
                   "stopping", file=sys.stderr, flush=True)
 
 
+class CosineToTimeBudget(keras.callbacks.Callback):
+    """Cosine learning-rate decay that reaches 0 when the run ends, by steps or by time.
+
+    A step-based cosine schedule never finishes when a time budget stops the
+    run first, so the last epochs train at a high rate. Here the progress is
+    the larger of the fraction of steps done and the fraction of the time
+    budget used, and the optimizer's rate is set before every batch:
+    ``peak * (1 + cos(pi * progress)) / 2``. The clock counts this process
+    only, like `TimeBudget` (a resumed run gets a fresh budget).
+    """
+
+    def __init__(self, peak: float, total_steps: int, max_minutes: float,
+                 clock=time.monotonic):
+        super().__init__()
+        self.peak = float(peak)
+        self.total_steps = max(1, int(total_steps))
+        self.budget = 60.0 * max_minutes
+        self._clock = clock
+        self._start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._start = self._clock()
+
+    def progress(self) -> float:
+        steps = int(self.model.optimizer.iterations.numpy()) / self.total_steps
+        elapsed = (self._clock() - self._start) / self.budget
+        return min(1.0, max(steps, elapsed))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        rate = 0.5 * self.peak * (1.0 + math.cos(math.pi * self.progress()))
+        self.model.optimizer.learning_rate.assign(rate)
+
+
 def make_callbacks(
     run: RunDir,
     *,

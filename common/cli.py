@@ -163,8 +163,9 @@ def add_train_flags(parser: argparse.ArgumentParser, *,
     parser.add_argument("--learning-rate", type=positive_float, default=d["learning_rate"],
                         help="peak learning rate of the Adam optimizer")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"],
-                        help="learning-rate schedule: constant, or cosine decay to 0 over "
-                             "all epochs")
+                        help="learning-rate schedule: constant, or cosine decay to 0 by the "
+                             "end of the run (the last epoch, or --max-minutes if that comes "
+                             "first)")
     parser.add_argument("--clip-norm", type=non_negative_float, default=d["clip_norm"],
                         help="clip gradients to this global norm (keeps recurrent nets from "
                              "exploding); 0 disables")

@@ -26,7 +26,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from common.callbacks import RunCheckpoint, StopOnNaN, TimeBudget, make_callbacks
+from common.callbacks import (
+    CosineToTimeBudget,
+    RunCheckpoint,
+    StopOnNaN,
+    TimeBudget,
+    make_callbacks,
+)
 from common.errors import TrainingDiverged, UserError
 from common.runs import RunDir, atomic_save_model, load_keras, read_json, versions, write_json
 
@@ -70,11 +76,14 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
 
     Clipping is by global norm (all gradients scaled together), as for recurrent
     nets in PyTorch's `clip_grad_norm_`: it bounds the step size while keeping
-    its direction. The cosine schedule decays to 0 over `config.epochs` epochs.
+    its direction. The cosine schedule decays to 0 over `config.epochs` epochs,
+or, with a time budget, by whichever ends first (see `CosineToTimeBudget`).
     """
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
     learning_rate = config.learning_rate
-    if config.lr_schedule == "cosine":
+    if config.lr_schedule == "cosine" and config.max_minutes is not None:
+        pass  # a constant the `CosineToTimeBudget` callback sets before every batch
+    elif config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
             config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
     elif config.lr_schedule != "constant":
@@ -201,6 +210,9 @@ def train(
 
     callbacks = make_callbacks(run, monitor=monitor, mode=mode, patience=config.patience,
                                max_minutes=config.max_minutes, probe_inputs=probe_inputs)
+    if config.lr_schedule == "cosine" and config.max_minutes is not None:
+        callbacks.append(CosineToTimeBudget(config.learning_rate,
+                                            config.epochs * steps_per_epoch, config.max_minutes))
     callbacks += list(extra_callbacks)
     started = time.monotonic()
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,

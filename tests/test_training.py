@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from common.callbacks import (
     Backup,
+    CosineToTimeBudget,
     HistoryCSV,
     RunCheckpoint,
     StopOnNaN,
@@ -210,3 +211,35 @@ def test_multi_output_model_with_per_output_metrics(tmp_path):
     served = tf.saved_model.load(str(run.saved_model)).signatures["serving_default"](
         x=tf.constant(x[:2]))
     assert set(served) == {"a", "b"}
+
+
+def test_cosine_decays_by_time_when_the_budget_ends_first():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    now = [0.0]
+    schedule = CosineToTimeBudget(0.1, total_steps=1000, max_minutes=1, clock=lambda: now[0])
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    rates = []
+    for seconds in (0.0, 30.0, 60.0, 90.0):
+        now[0] = seconds
+        schedule.on_train_batch_begin(0)
+        rates.append(float(model.optimizer.learning_rate))
+    # Half the budget used: half the peak; all of it (or more): 0.
+    assert rates[0] == pytest.approx(0.1) and rates[1] == pytest.approx(0.05)
+    assert rates[2] == pytest.approx(0.0, abs=1e-9) and rates[3] == pytest.approx(0.0, abs=1e-9)
+    # The steps count too: 3/4 of them done at time 0 is progress 3/4.
+    model.optimizer.iterations.assign(750)
+    now[0] = 0.0
+    schedule.on_train_batch_begin(0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.05 * (1 - math.sqrt(0.5)))
+
+
+def test_cosine_with_a_time_budget_lowers_the_rate_during_training(tmp_path):
+    train_data, val_data, _ = tiny_task.make_data()
+    config = TrainConfig(epochs=3, batch_size=16, learning_rate=0.01, lr_schedule="cosine",
+                         max_minutes=30)
+    with open_run(tmp_path / "run", app="tests", task="tiny") as run:
+        result = train(run, config, tiny_task.build_model, train_data, val_data, loss="mse")
+    # 3 epochs of a 30-minute budget: the steps finish first, so the rate ends near 0.
+    assert float(result.model.optimizer.learning_rate) < 0.01 * 0.05
