@@ -66,6 +66,40 @@ def test_malformed_vectors_name_file_and_line(tmp_path, content, problem):
     assert problem in str(info.value)
 
 
+@pytest.mark.parametrize("header", [False, True])
+def test_leading_words_skip_what_text_vectorization_never_makes(tmp_path, header):
+    rows = {"the": [1, 2], ",": [0, 1], "Film": [1, 1], "good": [2, 2], "don't": [3, 3],
+            "bad": [4, 4]}
+    path = write_vectors(tmp_path / "v.txt", rows, header=header)
+    assert embeddings.leading_words(path, 2) == ["the", "good"]
+    assert embeddings.leading_words(path, 10) == ["the", "good", "bad"]
+    assert embeddings.leading_words(path, 0) == []
+
+
+@pytest.mark.slow
+def test_embeddings_vocabulary_serves_words_the_training_text_lacks(sample_vectors, tmp_path):
+    path, rows = sample_vectors
+    extra = {"splendiferous": np.float32([9, 8, 7, 6, 5, 4]),
+             "abysmally": np.float32([-9, -8, -7, -6, -5, -4])}
+    vectors = write_vectors(tmp_path / "v.txt", {**extra, **rows})
+    run = tmp_path / "run"
+    assert main(["sentiment", "train", "--run-dir", str(run), *TINY, "--embeddings",
+                 str(vectors), "--freeze-embeddings", "--embeddings-vocabulary", "3"]) == 0
+    model = keras.models.load_model(run / "model.keras")
+    vocab = model.get_layer("vectorizer").get_vocabulary()
+    matrix = model.get_layer("embedding").get_weights()[0]
+    for word, vector in extra.items():  # not in the sample's text, yet known with its vector
+        assert word in vocab
+        np.testing.assert_allclose(matrix[vocab.index(word)], vector)
+    # Without the flag they are unknown words.
+    plain = tmp_path / "plain"
+    assert main(["sentiment", "train", "--run-dir", str(plain), *TINY, "--embeddings",
+                 str(vectors), "--freeze-embeddings"]) == 0
+    vocab = keras.models.load_model(plain / "model.keras").get_layer(
+        "vectorizer").get_vocabulary()
+    assert not set(extra) & set(vocab)
+
+
 def test_embedding_matrix_rows():
     vocab = ("good", "bad", "unknown")
     vectors = {"good": np.float32([1, 2]), "bad": np.float32([3, 4])}
@@ -120,6 +154,7 @@ def test_fine_tuned_embeddings_move(sample_vectors, tmp_path):
     (["--embeddings", "{good}", "--embedding-dim", "8"], "have dimension 3"),
     (["--embeddings", "{missing}"], "cannot read"),
     (["--freeze-embeddings"], "--freeze-embeddings needs --embeddings"),
+    (["--embeddings-vocabulary", "5"], "--embeddings-vocabulary needs --embeddings"),
 ])
 def test_bad_embeddings_fail_before_the_run_dir(tmp_path, capsys, extra, problem):
     files = {"bad": tmp_path / "bad.txt", "good": tmp_path / "good.txt",

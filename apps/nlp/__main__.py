@@ -148,6 +148,12 @@ def make_parser() -> argparse.ArgumentParser:
                             "build`; words without a vector start random")
     train.add_argument("--freeze-embeddings", action="store_true",
                        help="keep the --embeddings vectors fixed (default: fine-tune them)")
+    train.add_argument("--embeddings-vocabulary", type=non_negative_int, default=0, metavar="N",
+                       help="also put the N commonest words of the --embeddings file in the "
+                            "vocabulary (files list words by frequency), so that words the "
+                            "labelled training text lacks still get their pre-trained vector "
+                            "when the model reads them; best with --freeze-embeddings; "
+                            "default 0: the training text's words only")
     train.add_argument("--units", type=positive_int, default=64,
                        help="units per direction of each bidirectional LSTM")
     train.add_argument("--layers", type=positive_int, default=1,
@@ -398,11 +404,17 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
     from apps.nlp import embeddings
 
     if args.embeddings is None:
-        if args.freeze_embeddings:
-            raise UserError("--freeze-embeddings needs --embeddings PATH")
+        for flag, value in (("--freeze-embeddings", args.freeze_embeddings),
+                            ("--embeddings-vocabulary", args.embeddings_vocabulary)):
+            if value:
+                raise UserError(f"{flag} needs --embeddings PATH")
         args.embedding_dim = args.embedding_dim or 64
+        args.extra_words = ()
         return None
-    words = {w for text in texts for w in embeddings.tokenize(text)}
+    # Read before the vectors: the file's own words join the vocabulary.
+    args.extra_words = tuple(embeddings.leading_words(args.embeddings,
+                                                      args.embeddings_vocabulary))
+    words = {w for text in texts for w in embeddings.tokenize(text)} | set(args.extra_words)
     vectors, dim = embeddings.read_vectors(args.embeddings, words)
     if args.embedding_dim not in (None, dim):
         raise UserError(f"--embedding-dim {args.embedding_dim}: the vectors in --embeddings "
@@ -417,11 +429,15 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
 def _sentiment_config(args, texts):
     from apps.nlp import sentiment
 
+    vocabulary = sentiment.adapt_vocabulary(texts, args.max_tokens)
+    known = set(vocabulary)
+    vocabulary += tuple(w for w in getattr(args, "extra_words", ()) if w not in known)
     return sentiment.SentimentConfig(
-        vocabulary=sentiment.adapt_vocabulary(texts, args.max_tokens), max_len=args.max_len,
+        vocabulary=vocabulary, max_len=args.max_len,
         embedding_dim=args.embedding_dim, units=args.units, layers=args.layers,
         dropout=args.dropout, embedding_dropout=args.embedding_dropout, pooling=args.pooling,
-        embeddings=args.embeddings, freeze_embeddings=args.freeze_embeddings)
+        embeddings=args.embeddings, freeze_embeddings=args.freeze_embeddings,
+        embeddings_vocabulary=len(vocabulary) - len(known))
 
 
 def _initial_embeddings(config, vectors, seed: int):

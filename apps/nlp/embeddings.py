@@ -107,6 +107,32 @@ def read_vectors(path: str | Path, vocabulary: Iterable[str],
     return found, dim
 
 
+def leading_words(path: str | Path, count: int, flag: str = "--embeddings") -> list[str]:
+    """The first `count` words of a vectors file that TextVectorization can produce.
+
+    Vector files list words by frequency (GloVe, word2vec and `build` all do),
+    so these are the commonest words of the text the vectors were made from.
+    Entries that are not a single lower-case token after TextVectorization's
+    standardisation (punctuation, "Hello") are skipped: no text maps to them.
+    """
+    words: list[str] = []
+    if count <= 0:
+        return words
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as handle:
+            for number, line in enumerate(handle, start=1):
+                word = line.split(" ", 1)[0]
+                if number == 1 and _parse_header(line.split()) is not None:
+                    continue
+                if tokenize(word) == [word]:
+                    words.append(word)
+                    if len(words) == count:
+                        break
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+    return words
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)

@@ -34,6 +34,7 @@ class SentimentConfig:
     pooling: str = "last"  # "last": the final states; "max": max over time of every state
     embeddings: str | None = None  # the pre-trained vectors file, if any
     freeze_embeddings: bool = False
+    embeddings_vocabulary: int = 0  # the vectors file's commonest words added
 
     def to_json(self) -> dict:
         d = asdict(self)
