@@ -3,6 +3,7 @@
     python benchmarks/speech_quality.py                       # everything
     python benchmarks/speech_quality.py --only official --max-minutes 10
     python benchmarks/speech_quality.py --table-only     # the .txt again from the .json
+    python benchmarks/speech_quality.py --only official --units 128   # flags for train
 
 Runs, each through the real command line into its own run directory:
 
@@ -45,14 +46,14 @@ def words(run_dir: Path, args, extra: list[str]) -> dict:
     started = time.time()
     cli("words", "train", "--data", str(args.data), "--run-dir", str(run_dir),
         "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
-        "--cache-dir", str(args.cache_dir), *extra)
+        "--cache-dir", str(args.cache_dir), *extra, *args.extra)
     metrics = cli("words", "evaluate", "--run-dir", str(run_dir), "--cache-dir",
                   str(args.cache_dir), "--json")
     trained = json.loads((run_dir / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "test_examples": metrics["examples"],
             "epochs": trained["epochs_completed"], "stopped": trained["stopped"],
             "minutes": round((time.time() - started) / 60, 1),
-            "augmentation": augmentation(run_dir)}
+            "augmentation": augmentation(run_dir), "train_flags": [*extra, *args.extra]}
 
 
 def augmentation(run_dir: Path) -> dict:
@@ -111,7 +112,8 @@ def main() -> None:
                         help="connected-digit training utterances")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: rewrite the .txt table from the .json")
-    args = parser.parse_args()
+    # Any other flag goes to every train command, e.g. --units 128.
+    args, args.extra = parser.parse_known_args()
     parts = args.only or ["official", "loso", "digits"]
     if args.table_only:
         parts = []
@@ -132,7 +134,8 @@ def main() -> None:
         started = time.time()
         cli("digits", "train", "--data", str(args.data), "--run-dir", str(run_dir),
             "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
-            "--utterances", str(args.utterances), "--cache-dir", str(args.cache_dir))
+            "--utterances", str(args.utterances), "--cache-dir", str(args.cache_dir),
+            *args.extra)
         metrics = cli("digits", "evaluate", "--run-dir", str(run_dir), "--cache-dir",
                       str(args.cache_dir), "--json")
         trained = json.loads((run_dir / "metrics.json").read_text())
@@ -140,7 +143,8 @@ def main() -> None:
                             "stopped": trained["stopped"], "target": "wer <= 0.05",
                             "training_utterances": args.utterances,
                             "minutes": round((time.time() - started) / 60, 1),
-                            "augmentation": augmentation(run_dir)}
+                            "augmentation": augmentation(run_dir),
+                            "train_flags": list(args.extra)}
 
     # Re-read before writing: another invocation (say --only digits) may have
     # finished in the meantime; only this run's parts are replaced.
