@@ -52,6 +52,11 @@ class TrainConfig:
     strategy: str = "default"  # "mirrored", "multiworker"
     mixed_precision: str = "off"  # "mixed_float16", "mixed_bfloat16"
 
+    @property
+    def cosine_over_time_budget(self) -> bool:
+        """Cosine decay that must also end with the time budget (a callback, not a schedule)."""
+        return self.lr_schedule == "cosine" and self.max_minutes is not None
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         """The fields of `args` named like ours (other flags are ignored)."""
@@ -77,11 +82,11 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
     Clipping is by global norm (all gradients scaled together), as for recurrent
     nets in PyTorch's `clip_grad_norm_`: it bounds the step size while keeping
     its direction. The cosine schedule decays to 0 over `config.epochs` epochs,
-or, with a time budget, by whichever ends first (see `CosineToTimeBudget`).
+    or, with a time budget, by whichever ends first (see `CosineToTimeBudget`).
     """
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
     learning_rate = config.learning_rate
-    if config.lr_schedule == "cosine" and config.max_minutes is not None:
+    if config.cosine_over_time_budget:
         pass  # a constant the `CosineToTimeBudget` callback sets before every batch
     elif config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -210,7 +215,7 @@ def train(
 
     callbacks = make_callbacks(run, monitor=monitor, mode=mode, patience=config.patience,
                                max_minutes=config.max_minutes, probe_inputs=probe_inputs)
-    if config.lr_schedule == "cosine" and config.max_minutes is not None:
+    if config.cosine_over_time_budget:
         callbacks.append(CosineToTimeBudget(config.learning_rate,
                                             config.epochs * steps_per_epoch, config.max_minutes))
     callbacks += list(extra_callbacks)

@@ -399,7 +399,8 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
 
     Runs before TensorFlow is imported and before the run directory is opened,
     so a bad vectors file fails fast. Sets args.embedding_dim to the file's
-    dimension (and rejects an explicit --embedding-dim that differs).
+    dimension (and rejects an explicit --embedding-dim that differs), and
+    args.extra_words to the --embeddings-vocabulary words `_sentiment_config` adds.
     """
     from apps.nlp import embeddings
 
@@ -431,7 +432,7 @@ def _sentiment_config(args, texts):
 
     vocabulary = sentiment.adapt_vocabulary(texts, args.max_tokens)
     known = set(vocabulary)
-    vocabulary += tuple(w for w in getattr(args, "extra_words", ()) if w not in known)
+    vocabulary += tuple(w for w in args.extra_words if w not in known)
     return sentiment.SentimentConfig(
         vocabulary=vocabulary, max_len=args.max_len,
         embedding_dim=args.embedding_dim, units=args.units, layers=args.layers,
