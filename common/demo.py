@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import os
 import shutil
@@ -512,14 +513,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if tasks:
         announce("serving: one request per SavedModel in a fresh process (plain TensorFlow)")
         t0 = time.monotonic()
+        jobs: list[dict] = []
         try:
             jobs = [serving_job(t, Path(r.run_dir)) for t, r in trained]
             answers = serve_in_fresh_process(jobs) if jobs else {}
         except Exception as exc:  # noqa: BLE001  (reported as the stage's failure)
-            jobs, answers = [], {}
-            failures.append(f"stage {step} (serving) failed: {describe_error(exc)[0]}")
-            print(f"[{step}/{stages}] serving: FAILED: {describe_error(exc)[0]}", flush=True)
-        for job, (task, row) in zip(jobs, trained, strict=True):
+            answers = {}
+            problem = describe_error(exc)[0]
+            failures.append(f"stage {step} (serving) failed: {problem}")
+            print(f"[{step}/{stages}] serving: FAILED: {problem}", flush=True)
+        # Every trained row gets a line, also when its request could not be built.
+        for job, (task, row) in itertools.zip_longest(jobs, trained, fillvalue={}):
             answer = answers.get(task.name, {"ok": False, "error": "no answer"})
             if answer["ok"]:
                 line = describe_prediction(task.name, job, answer["outputs"])
@@ -531,7 +535,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                     f"{answer['error']}")
             predictions[task.name] = {**answer, "request": job, "line": line}
             print(f"  {task.title:<16} {line}", flush=True)
-        if jobs:
+        if answers:
             print(f"[{step}/{stages}] serving: {len(jobs)} SavedModel(s) answered "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
 

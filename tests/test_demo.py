@@ -171,6 +171,27 @@ def test_a_failing_stage_is_named_and_fails_the_demo(tmp_path, monkeypatch, caps
     assert row["ok"] is False and "--units" in row["error"]  # the app's error line
 
 
+def test_a_failing_serving_process_fails_every_trained_row(tmp_path, monkeypatch, capsys):
+    def trained(task, root, quick, debug=False):
+        return demo.Row(task.title, task.metric, 0.5, str(root / task.name), 0.0)
+
+    def broken_process(jobs):
+        raise RuntimeError("the serving process died")
+
+    monkeypatch.setattr(demo, "train_task", trained)
+    monkeypatch.setattr(demo, "serving_job", lambda task, run_dir: {"task": task.name})
+    monkeypatch.setattr(demo, "serve_in_fresh_process", broken_process)
+    code = demo.main(["--quick", "--only", "sentiment,forecast",
+                      "--out", str(tmp_path / "d")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "serving: FAILED: RuntimeError: the serving process died" in out
+    assert "stage 3 (serving) failed" in err
+    summary = json.loads((tmp_path / "d" / demo.SUMMARY).read_text())
+    assert [row["ok"] for row in summary["tasks"]] == [False, False]
+    assert all(row["error"] == "serving: no answer" for row in summary["tasks"])
+
+
 def test_help_and_bad_flags():
     with pytest.raises(SystemExit) as exc:
         demo.main(["--only", "nope"])
