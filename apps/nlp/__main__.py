@@ -90,8 +90,6 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=positive_int, default=1, help="number of stacked LSTMs")
     train.add_argument("--dropout", type=unit_interval, default=0.0,
                        help="dropout after each LSTM layer")
-    train.add_argument("--embedding-dropout", type=unit_interval, default=0.0,
-                       help="dropout on the word vectors, before the first LSTM")
     train.add_argument("--steps-per-epoch", type=non_negative_int, default=50,
                        help="batches per epoch (random windows, reshuffled every epoch), so "
                             "validation, checkpoints, samples and --max-minutes act often on "
