@@ -270,18 +270,22 @@ class CosineToTimeBudget(keras.callbacks.Callback):
         self.budget = 60.0 * max_minutes
         self._clock = clock
         self._start = 0.0
+        self._step = 0
 
     def on_train_begin(self, logs=None):
         self._start = self._clock()
+        # Read once (a resumed run starts late); counted here afterwards, so
+        # the training loop never waits on a device read of the counter.
+        self._step = int(self.model.optimizer.iterations.numpy())
 
     def progress(self) -> float:
-        steps = int(self.model.optimizer.iterations.numpy()) / self.total_steps
         elapsed = (self._clock() - self._start) / self.budget
-        return min(1.0, max(steps, elapsed))
+        return min(1.0, max(self._step / self.total_steps, elapsed))
 
     def on_train_batch_begin(self, batch, logs=None):
         rate = 0.5 * self.peak * (1.0 + math.cos(math.pi * self.progress()))
         self.model.optimizer.learning_rate.assign(rate)
+        self._step += 1  # one optimizer step per batch (no steps_per_execution)
 
 
 def make_callbacks(

@@ -228,9 +228,10 @@ def test_cosine_decays_by_time_when_the_budget_ends_first():
     # Half the budget used: half the peak; all of it (or more): 0.
     assert rates[0] == pytest.approx(0.1) and rates[1] == pytest.approx(0.05)
     assert rates[2] == pytest.approx(0.0, abs=1e-9) and rates[3] == pytest.approx(0.0, abs=1e-9)
-    # The steps count too: 3/4 of them done at time 0 is progress 3/4.
+    # The steps count too: 3/4 of them done at time 0 (a resumed run) is progress 3/4.
     model.optimizer.iterations.assign(750)
     now[0] = 0.0
+    schedule.on_train_begin()
     schedule.on_train_batch_begin(0)
     assert float(model.optimizer.learning_rate) == pytest.approx(0.05 * (1 - math.sqrt(0.5)))
 
