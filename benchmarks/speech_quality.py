@@ -118,7 +118,7 @@ def main() -> None:
     if args.table_only:
         parts = []
     out = RESULTS / "speech_quality.json"
-    report = json.loads(out.read_text()) if out.exists() else {}
+    report: dict = {}  # this run's parts; merged into the file's latest content below
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     if "official" in parts:

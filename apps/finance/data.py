@@ -201,12 +201,13 @@ def load_file(path: Path, settings: Settings) -> Series:
             i = not_number[0]
             raise UserError(f"{path}: line {lines[i]}, column '{source[name]}': "
                             f"'{text.iloc[i]}' is not a number")
-        infinite = np.flatnonzero(np.isinf(numbers.to_numpy(dtype=np.float64)))
+        column = numbers.to_numpy(dtype=np.float64)
+        infinite = np.flatnonzero(np.isinf(column))
         if len(infinite):
             i = infinite[0]
             raise UserError(f"{path}: line {lines[i]}, column '{source[name]}': "
                             f"'{text.iloc[i]}' is not a finite number")
-        values[:, j] = numbers.to_numpy(dtype=np.float64)
+        values[:, j] = column
 
     # Dates: sort (with a warning), then reject duplicates.
     order = np.argsort(dates.to_numpy(), kind="stable")

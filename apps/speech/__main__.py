@@ -383,7 +383,8 @@ def words_evaluate(args: argparse.Namespace) -> int:
     settings, feat_cfg = _saved_settings(run)
     model = _load_model(run)
     labels = settings["labels"]
-    clips, layout = data.load_clips(args.data or run.read_config().get("data"))
+    source = args.data or run.read_config().get("data")
+    clips, layout = data.load_clips(source)
     if args.data:  # all of them; tfds has its own test split
         chosen = [c for c in clips if layout != "tfds" or c.split == "test"]
     else:
@@ -392,7 +393,7 @@ def words_evaluate(args: argparse.Namespace) -> int:
     chosen = _known_labels(chosen, labels, args.strict)
     xs, kept = data.clip_features(chosen, _cache(args, feat_cfg), strict=args.strict)
     if not kept:
-        raise UserError(f"--data {args.data or run.read_config().get('data')}: no usable "
+        raise UserError(f"--data {source}: no usable "
                         f"recordings to evaluate (all {len(chosen)} were skipped)")
     x = pad_sequences(xs, settings["max_frames"])
     truth = np.array([labels.index(c.label) for c in kept])
@@ -692,7 +693,8 @@ def digits_evaluate(args: argparse.Namespace) -> int:
     run = runs.load_run(args.run_dir, app=APP, task="digits")
     settings, feat_cfg = _saved_settings(run)
     model = _load_model(run)
-    clips, _ = data.load_clips(args.data or run.read_config().get("data"))
+    source = args.data or run.read_config().get("data")
+    clips, _ = data.load_clips(source)
     test_speakers = set(settings["test_speakers"])
     if args.data:  # every speaker of the given recordings is test material
         test_speakers = {c.speaker for c in clips}
@@ -701,7 +703,7 @@ def digits_evaluate(args: argparse.Namespace) -> int:
                                  seed=settings["corpus_seed"] + 2,
                                  sample_rate=feat_cfg.sample_rate,
                                  max_digits=settings["max_digits"], strict=args.strict,
-                                 source=f"--data {args.data or run.read_config().get('data')}")
+                                 source=f"--data {source}")
     xs, kept = _utterance_features(test, _cache(args, feat_cfg), args.strict)
     truth = [u.digits for u in kept]
     metrics: dict[str, Any] = {}

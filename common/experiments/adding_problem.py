@@ -41,6 +41,7 @@ import tensorflow as tf
 from common.cli import (
     ArgumentParser,
     HelpFormatter,
+    add_debug_flag,
     choice_list,
     positive_float,
     positive_int,
@@ -364,7 +365,7 @@ def format_table(results: list[dict]) -> str:
              f"{'best':>7} {'solved':>6} {'at step':>7} {'steps':>6} {'train s':>8}"]
     for r in results:
         at = "-" if r["solved_step"] is None or not r["solved"] else str(r["solved_step"])
-        best = min(r["curve"]["test_mse"])
+        best = r["best_test_mse"]
         lines.append(f"{r['model']:<10} {r['T']:>4} {r['units']:>5} {r['params']:>6} "
                      f"{r['baseline_mse']:>6.4f} {r['test_mse']:>9.4f} {best:>7.4f} "
                      f"{'yes' if r['solved'] else 'no':>6} {at:>7} {r['steps_run']:>6} "
@@ -495,8 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"models to train, comma-separated from {','.join(MODELS)}")
     parser.add_argument("--quiet", action="store_true",
                         help="print only the final table")
-    parser.add_argument("--debug", action="store_true",
-                        help="show full Python/TensorFlow tracebacks instead of one error line")
+    add_debug_flag(parser)
     return parser
 
 
