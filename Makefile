@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 
 # Two pytest workers (pytest-xdist): most tests train tiny models that keep one
 # core busy, so two processes halve the time on a 2-core machine (13 -> 7 min).
+# --dist loadscope keeps a module on one worker, so its module-scoped fixtures
+# (trained runs, the quick demo) are built once, not once per worker.
 # `make test TEST_WORKERS=0` runs in one process; more workers suit more cores.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # Trains every app on its bundled sample, serves each SavedModel from a fresh
 # process and runs the adding problem (~3 min on 2 cores), into runs/demo/.
