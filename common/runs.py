@@ -94,6 +94,23 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         return read_json(self.config)
 
+    def app_settings(self, *required: str) -> dict[str, Any]:
+        """The app's settings a training wrote to config.json (``app_settings``).
+
+        A run whose training never got that far (killed during its set-up) has
+        none, or lacks one of the `required` keys: refused with a `UserError`
+        naming config.json.
+        """
+        settings = self.read_config().get("app_settings")
+        if not isinstance(settings, dict):
+            settings = {}
+        missing = [key for key in required if key not in settings]
+        if not settings or missing:
+            what = f"app_settings.{missing[0]}" if settings else "app_settings"
+            raise UserError(f"--run-dir {self.root}: the run never finished its set-up "
+                            f"({self.config} has no {what}); train it again")
+        return settings
+
     def load_model(self, *, compile: bool = True):
         """`RUN/model.keras`, loaded with safe_mode=True."""
         if not self.model.exists():

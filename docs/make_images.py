@@ -32,11 +32,10 @@ MAX_BYTES = 150_000  # the guide's images stay small
 
 def run_app(app: str, *argv: str) -> None:
     """Runs `python -m apps.<app> ARGV` in this process; stops on a non-zero exit."""
-    import importlib
+    from common.demo import call_app
 
-    main = importlib.import_module(f"apps.{app}.__main__").main
     print(f"\n$ python -m apps.{app} {' '.join(argv)}", flush=True)
-    code = main(list(argv))
+    code, _ = call_app(app, list(argv))  # the app has printed its error line
     if code:
         sys.exit(f"make_images: `python -m apps.{app} {' '.join(argv)}` exited with {code}")
 

@@ -31,6 +31,9 @@ def freeze_gc_after_each_test(_cheap_gc):
     `_seeded`'s clear_session() runs gc.collect() after every test, whose cost
     grows with the heap of traced TF graphs. Freezing the survivors after each
     test keeps that collection cheap in modules that trace many models.
+    This teardown runs before `_seeded`'s, so it clears the session itself
+    first: otherwise the test's own garbage would be frozen with the survivors.
     """
     yield
+    keras.backend.clear_session()
     gc.freeze()

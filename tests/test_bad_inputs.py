@@ -7,8 +7,9 @@ print ONE line on stderr naming the input and the problem, with no traceback
 and no TensorFlow internals. A few are valid and must succeed with a warning
 (stereo 44.1 kHz audio is downmixed and resampled; unsorted dates are sorted).
 
-Every case also checks that nothing already written changed: the files of every
-fixture run directory and of the case's own folder are hashed before and after.
+Every case also checks that nothing already written changed: the files of the
+case's own folder are hashed before and after it, and those of every fixture run
+directory after it, against their hashes taken once, when the run was trained.
 
 One tiny run per task (1 epoch, a few units, the bundled samples) is trained
 the first time a case needs it and shared by the whole module. Inputs already
@@ -180,6 +181,7 @@ class Runs:
         self.cache = root / "mfcc-cache"
         self.paths: dict[str, Path] = {}
         self.stderr: dict[str, str] = {}  # what each training printed there
+        self.hashes: dict[str, dict[str, str]] = {}  # `tree_hash` of each, as trained
         self._words_data: Path | None = None
 
     def words_data(self) -> Path:
@@ -208,6 +210,7 @@ class Runs:
             self.stderr[task] = err.read()
             assert code == 0, self.stderr[task][-3000:]
             self.paths[task] = run
+            self.hashes[task] = tree_hash(run)  # every case must leave it so
         return self.paths[task]
 
     def copy(self, task: str, dest: Path) -> Path:
@@ -256,7 +259,11 @@ def _seeded():
     `clear_session()` runs a full garbage collection (~0.5 s with TensorFlow
     loaded), which after each of ~300 cases would be most of this file's time.
     The cases build no models (the fixture runs seed their own training), so
-    the session is cleared once, when the module's runs are torn down.
+    the session is cleared once, when the module's runs are torn down. (The
+    opt-in `freeze_gc_after_each_test` is no substitute: `_seeded` would still
+    clear the session after every case, and the freeze comes before that
+    collection, so each case's garbage, loaded models included, would stay
+    in memory until the module ends.)
     """
     yield
 
@@ -696,9 +703,7 @@ def check_error_line(err: str, app: str, shown: str, patterns: tuple[str, ...],
 def test_bad_input(case: Case, runs: Runs, tmp_path: Path, capfd):
     argv, shown = case.make(tmp_path, runs)
     capfd.readouterr()  # a fixture run trained just now printed its progress
-    protected = {**{f"run:{task}": path for task, path in runs.paths.items()},
-                 "case folder": tmp_path}
-    before = {name: tree_hash(path) for name, path in protected.items()}
+    before = tree_hash(tmp_path)
 
     big = case.name.endswith("200_mb")
     if big:
@@ -721,9 +726,9 @@ def test_bad_input(case: Case, runs: Runs, tmp_path: Path, capfd):
         assert code != 0, f"exit 0 for a bad input; stdout:\n{out[-2000:]}"
         check_error_line(err, case.app, shown, case.expect.patterns,
                          case.expect.after_warnings)
-    after = {name: tree_hash(path) for name, path in protected.items()}
-    for name in before:
-        assert after[name] == before[name], f"{name} changed"
+    assert tree_hash(tmp_path) == before, "case folder changed"
+    for task, path in runs.paths.items():
+        assert tree_hash(path) == runs.hashes[task], f"run:{task} changed"
 
 
 # -- what the catalogue does not cover as single cases -----------------------------------

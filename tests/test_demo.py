@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import free_ports
 
 from common import demo
 
@@ -79,12 +79,6 @@ def test_quick_demo_trains_exports_and_serves_every_task(quick_demo):
     assert f"--logdir {root}" in text and "tensorboard" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
@@ -95,7 +89,7 @@ def _get(url: str):
 def test_tensorboard_shows_the_demo_runs(quick_demo):
     code, _, root = quick_demo
     assert code == 0
-    port = _free_port()
+    [port] = free_ports(1)
     base = f"http://127.0.0.1:{port}/data"
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--port", str(port),

@@ -6,7 +6,6 @@ logical devices and TF_CONFIG must be in place before TensorFlow initialises.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -16,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import free_ports
 
 from common.distribute import (
     STRATEGIES,
@@ -39,16 +39,6 @@ def child_env(**extra):
 
 def result_of(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 # -- by name ------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_tokenize_matches_text_vectorization():
 def test_read_vectors_keeps_only_the_vocabulary(tmp_path, header):
     rows = {"good": [0.5, -1.0, 2.0], "bad": [1.5, 0.0, -3.25], "other": [9.0, 9.0, 9.0]}
     path = write_vectors(tmp_path / "v.txt", rows, header=header)
-    found, dim = embeddings.read_vectors(path, ["good", "bad", "missing"])
+    found, dim, _ = embeddings.read_vectors(path, ["good", "bad", "missing"])
     assert dim == 3
     assert set(found) == {"good", "bad"}
     np.testing.assert_array_equal(found["bad"], np.float32([1.5, 0.0, -3.25]))
@@ -71,9 +71,11 @@ def test_leading_words_skip_what_text_vectorization_never_makes(tmp_path, header
     rows = {"the": [1, 2], ",": [0, 1], "Film": [1, 1], "good": [2, 2], "don't": [3, 3],
             "bad": [4, 4]}
     path = write_vectors(tmp_path / "v.txt", rows, header=header)
-    assert embeddings.leading_words(path, 2) == ["the", "good"]
-    assert embeddings.leading_words(path, 10) == ["the", "good", "bad"]
-    assert embeddings.leading_words(path, 0) == []
+    found, _, leading = embeddings.read_vectors(path, ["bad"], leading=2)
+    assert leading == ("the", "good") and set(found) == {"the", "good", "bad"}
+    np.testing.assert_array_equal(found["good"], np.float32([2, 2]))
+    assert embeddings.read_vectors(path, [], leading=10)[2] == ("the", "good", "bad")
+    assert embeddings.read_vectors(path, ["bad"])[2:] == ((),)
 
 
 @pytest.mark.slow
@@ -178,7 +180,7 @@ def test_build_vectors_tool(tmp_path, capsys):
     out = tmp_path / "vectors.txt"
     assert embeddings.main(["build", "--text", str(text), "--out", str(out), "--dim", "3",
                           "--window", "2", "--min-count", "1"]) == 0
-    vectors, dim = embeddings.read_vectors(out, a + b)
+    vectors, dim, _ = embeddings.read_vectors(out, a + b)
     assert dim == 3 and set(vectors) == set(a + b)
     unit = {w: v / np.linalg.norm(v) for w, v in vectors.items()}
     within = np.mean([unit[x] @ unit[y] for t in (a, b) for x in t for y in t if x != y])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,3 +199,16 @@ def test_load_run_errors_name_the_run_dir(tmp_path):
         pass
     with pytest.raises(UserError, match="no model.keras; train it first"):
         load_run(tmp_path / "run", app="a", task="b").load_model()
+
+
+def test_app_settings_of_a_run_that_never_finished_its_set_up(tmp_path):
+    run = RunDir(tmp_path)
+    config = {"app": "a", "task": "b"}
+    write_json(run.config, config)
+    message = re.escape(f"({run.config} has no app_settings); train it again")
+    with pytest.raises(UserError, match=message):
+        run.app_settings()
+    write_json(run.config, config | {"app_settings": {"data": 1}})
+    assert run.app_settings("data") == {"data": 1}
+    with pytest.raises(UserError, match=r"has no app_settings\.features\); train it again"):
+        run.app_settings("data", "features")

@@ -39,8 +39,8 @@ def test_disabled_augmentation_is_the_identity():
 
 def test_shape_padding_and_seeded_determinism():
     xs = np.stack([_example(i) for i in range(8)])
-    fn = augment_fn(0, 0.05, 4, 0.1, time_masks=2, time_width=5, freq_masks=2, freq_width=2,
-                    blocks=BLOCKS)
+    fn = augment_fn(0, 0.05, 4, 0.1, time_masks=2, time_mask_width=5, freq_masks=2,
+                    freq_mask_width=2, blocks=BLOCKS)
     first, again, other = _run(fn, xs, 7), _run(fn, xs, 7), _run(fn, xs, 8)
     assert first.shape == xs.shape and first.dtype == np.float32
     np.testing.assert_array_equal(first, again)
@@ -56,7 +56,7 @@ def test_shape_padding_and_seeded_determinism():
 
 def test_frequency_masks_blank_the_same_band_in_every_block():
     xs = np.stack([_example(i) for i in range(32)])
-    out = _run(augment_fn(0, 0.0, 0, 0.0, freq_masks=1, freq_width=3, blocks=BLOCKS), xs, 3)
+    out = _run(augment_fn(0, 0.0, 0, 0.0, freq_masks=1, freq_mask_width=3, blocks=BLOCKS), xs, 3)
     widths = []
     for x, original in zip(out, xs, strict=True):
         blank = _zero(x[:LENGTH]).all(axis=0)  # whole columns at the mean
@@ -73,14 +73,14 @@ def test_frequency_masks_blank_the_same_band_in_every_block():
 
 def test_time_masks_blank_short_spans_and_leave_the_rest():
     xs = np.stack([_example(i) for i in range(32)])
-    out = _run(augment_fn(0, 0.0, 0, 0.0, time_masks=1, time_width=20), xs, 5)
+    out = _run(augment_fn(0, 0.0, 0, 0.0, time_masks=1, time_mask_width=20), xs, 5)
     widths = []
     for x, original in zip(out, xs, strict=True):
         blank = _zero(x).all(axis=1)[:LENGTH]
         rows = np.flatnonzero(blank)
         widths.append(len(rows))
         if len(rows):
-            # One span, at most an eighth of the utterance even though time_width is 20.
+            # One span, at most an eighth of the utterance even though time_mask_width is 20.
             assert rows[-1] - rows[0] == len(rows) - 1 and len(rows) <= LENGTH // 8
         np.testing.assert_array_equal(x[:LENGTH][~blank], original[:LENGTH][~blank])
         assert np.all(x[LENGTH:] == 0)

@@ -1,5 +1,7 @@
 """MFCC features: librosa vs tf.signal, the cache, and unusable audio."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -54,6 +56,24 @@ def test_cache_hits_second_time_and_is_npz(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="recomputed"):
         F.FeatureCache(tmp_path, F.FeatureConfig(sample_rate=8000, n_mfcc=12)).file_features(
             FILES[0])
+
+
+def test_cache_keys_of_files_waveforms_and_speeds_stay_the_same(tmp_path):
+    # Caches written before keep being hit: the key scheme must not change.
+    def sha1(data: bytes) -> str:
+        return hashlib.sha1(data).hexdigest()
+
+    cache = F.FeatureCache(tmp_path, CFG)
+    y = F.load_audio(FILES[0], CFG.sample_rate)
+    cache.file_features(FILES[0])
+    cache.file_features(FILES[0], speed=0.9)
+    cache.wave_features(y, "y")
+    cache.wave_features(y, "y", speed=1.1)
+    content, wave = sha1(FILES[0].read_bytes()), sha1(y.tobytes())
+    assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz")} == {
+        f"{CFG.key()}/{digest[:2]}/{digest}.npz"
+        for digest in (content, sha1(f"{content}:speed=0.9".encode()), wave,
+                       sha1(f"{wave}:speed=1.1".encode()))}
 
 
 def test_stereo_and_other_rate_are_mixed_down_and_resampled(tmp_path):

@@ -200,10 +200,7 @@ def _load(args: argparse.Namespace):
     from apps.finance import model as M  # noqa: F401  (registers the custom layers)
 
     config = run.read_config()
-    app = config.get("app_settings") or {}
-    if "data" not in app:
-        raise UserError(f"--run-dir {run.root}: the run never finished its set-up "
-                        "(no settings in config.json); train it again")
+    app = run.app_settings("data")
     return run, config, Settings.from_json(app["data"]), app
 
 

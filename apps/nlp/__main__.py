@@ -175,15 +175,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def trained_settings(run) -> dict:
-    """The app settings a finished training wrote to config.json."""
-    settings = run.read_config().get("app_settings")
-    if not settings:
-        raise UserError(f"--run-dir {run.root}: the run has no trained model yet (its "
-                        "training never got going); train it first")
-    return settings
-
-
 # -- textgen ---------------------------------------------------------------------
 
 
@@ -194,7 +185,7 @@ def textgen_handle(args: argparse.Namespace) -> int:
     if args.command == "train":
         return textgen_train(args)
     run = runs.load_run(args.run_dir, app=APP, task="textgen")
-    settings = trained_settings(run)
+    settings = run.app_settings()
     if args.command == "evaluate":
         if args.data is not None:
             text = nlp_data.load_text(args.data, args.encoding)
@@ -331,7 +322,7 @@ def sentiment_handle(args: argparse.Namespace) -> int:
     if args.command == "train":
         return sentiment_cv(args) if args.cv else sentiment_train(args)
     run = runs.load_run(args.run_dir, app=APP, task="sentiment")
-    settings = trained_settings(run)
+    settings = run.app_settings()
     if args.command == "evaluate":
         if args.data is not None:
             name = nlp_data.tfds_name(args.data)
@@ -410,11 +401,11 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
         args.embedding_dim = args.embedding_dim or 64
         args.extra_words = ()
         return None
-    # Read before the vectors: the file's own words join the vocabulary.
-    args.extra_words = tuple(embeddings.leading_words(args.embeddings,
-                                                      args.embeddings_vocabulary))
-    words = {w for text in texts for w in embeddings.tokenize(text)} | set(args.extra_words)
-    vectors, dim = embeddings.read_vectors(args.embeddings, words)
+    # The file's own commonest words join the vocabulary, with their vectors.
+    words = {w for text in texts for w in embeddings.tokenize(text)}
+    vectors, dim, args.extra_words = embeddings.read_vectors(
+        args.embeddings, words, leading=args.embeddings_vocabulary)
+    words |= set(args.extra_words)
     if args.embedding_dim not in (None, dim):
         raise UserError(f"--embedding-dim {args.embedding_dim}: the vectors in --embeddings "
                         f"{args.embeddings} have dimension {dim}; drop --embedding-dim or "

@@ -52,17 +52,26 @@ def _parse_header(fields: list[str]) -> int | None:
     return None
 
 
-def read_vectors(path: str | Path, vocabulary: Iterable[str],
-                 flag: str = "--embeddings") -> tuple[dict[str, np.ndarray], int]:
+def read_vectors(path: str | Path, vocabulary: Iterable[str], flag: str = "--embeddings", *,
+                 leading: int = 0) -> tuple[dict[str, np.ndarray], int, tuple[str, ...]]:
     """The vectors of the words of `vocabulary` found in the text file `path`.
 
     Format: one ``word v1 v2 ... vD`` per line (GloVe), optionally after a
-    word2vec header line ``count D``. Returns ({word: float32 vector}, D).
-    A malformed line raises a one-line UserError naming the file and line.
+    word2vec header line ``count D``. Returns ({word: float32 vector}, D,
+    leading words). A malformed line raises a one-line UserError naming the
+    file and line.
+
+    The leading words are the file's first `leading` words that TextVectorization
+    can produce; their vectors are kept too. Vector files list words by
+    frequency (GloVe, word2vec and `build` all do), so these are the commonest
+    words of the text the vectors were made from. Entries that are not a
+    single lower-case token after TextVectorization's standardisation
+    (punctuation, "Hello") are skipped: no text maps to them.
     """
     path = Path(path)
     wanted = set(vocabulary)
     found: dict[str, np.ndarray] = {}
+    common: list[str] = []
     dim: int | None = None
     try:
         handle = open(path, encoding="utf-8", errors="strict", newline="\n")
@@ -87,6 +96,9 @@ def read_vectors(path: str | Path, vocabulary: Iterable[str],
                     raise UserError(f"{flag} {path} line {number}: expected {dim} numbers after "
                                     f"the word, found {len(fields) - 1}")
                 word = fields[0]
+                if len(common) < leading and tokenize(word) == [word]:
+                    common.append(word)
+                    wanted.add(word)
                 if word not in wanted or word in found:
                     continue  # only the vocabulary's rows are kept (bounded memory)
                 try:
@@ -104,33 +116,7 @@ def read_vectors(path: str | Path, vocabulary: Iterable[str],
                             "supported)") from None
     if dim is None:
         raise UserError(f"{flag} {path}: no vectors in the file")
-    return found, dim
-
-
-def leading_words(path: str | Path, count: int, flag: str = "--embeddings") -> list[str]:
-    """The first `count` words of a vectors file that TextVectorization can produce.
-
-    Vector files list words by frequency (GloVe, word2vec and `build` all do),
-    so these are the commonest words of the text the vectors were made from.
-    Entries that are not a single lower-case token after TextVectorization's
-    standardisation (punctuation, "Hello") are skipped: no text maps to them.
-    """
-    words: list[str] = []
-    if count <= 0:
-        return words
-    try:
-        with open(path, encoding="utf-8", errors="replace", newline="\n") as handle:
-            for number, line in enumerate(handle, start=1):
-                word = line.split(" ", 1)[0]
-                if number == 1 and _parse_header(line.split()) is not None:
-                    continue
-                if tokenize(word) == [word]:
-                    words.append(word)
-                    if len(words) == count:
-                        break
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
-    return words
+    return found, dim, tuple(common)
 
 
 def _is_float(text: str) -> bool:

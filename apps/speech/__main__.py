@@ -32,8 +32,8 @@ from common.errors import UserError
 APP = "speech"
 # Masking widths are in frames, so they follow the hop: ~50 ms for words, ~60 ms
 # for digits (shorter than a digit, so CTC's labels stay right).
-WORD_DEFAULTS = {"hop_ms": 10.0, "units": 64, "layers": 2, "time_width": 5}
-DIGIT_DEFAULTS = {"hop_ms": 20.0, "units": 96, "layers": 2, "time_width": 3}
+WORD_DEFAULTS = {"hop_ms": 10.0, "units": 64, "layers": 2, "time_mask_width": 5}
+DIGIT_DEFAULTS = {"hop_ms": 20.0, "units": 96, "layers": 2, "time_mask_width": 3}
 
 
 # -- command line -------------------------------------------------------------------
@@ -153,7 +153,7 @@ def _augment_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
                         help="augmentation: time spans per example set to the mean "
                              "(SpecAugment); 0 disables")
     parser.add_argument("--time-mask-width", type=non_negative_int,
-                        default=defaults["time_width"],
+                        default=defaults["time_mask_width"],
                         help="augmentation: longest masked time span, in frames (and at most "
                              "an eighth of the example)")
     parser.add_argument("--freq-masks", type=non_negative_int, default=2,
@@ -181,6 +181,14 @@ def _model_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
 def _masking(args: argparse.Namespace) -> dict[str, int]:
     return {"time_masks": args.time_masks, "time_mask_width": args.time_mask_width,
             "freq_masks": args.freq_masks, "freq_mask_width": args.freq_mask_width}
+
+
+def _augment(args: argparse.Namespace, feat_cfg, shift: int = 0):
+    """The training-data map function (`augment_fn`) of the augmentation flags."""
+    from apps.speech.model import augment_fn
+
+    return augment_fn(args.seed, args.noise, shift, args.gain, **_masking(args),
+                      blocks=3 if feat_cfg.deltas else 1)
 
 
 def _cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,10 +242,7 @@ def _model_config(args: argparse.Namespace):
 def _saved_settings(run) -> tuple[dict[str, Any], Any]:
     from apps.speech.features import FeatureConfig
 
-    config = run.read_config()
-    settings = config.get("app_settings")
-    if not settings or "features" not in settings:
-        raise UserError(f"--run-dir {run.root}: the run has no trained model yet (train it first)")
+    settings = run.app_settings("features")
     return settings, FeatureConfig.from_dict(settings["features"])
 
 
@@ -289,7 +294,7 @@ def words_train(args: argparse.Namespace) -> int:
 
     from apps.speech import data
     from apps.speech.features import load_audio, pad_sequences
-    from apps.speech.model import WordServing, augment_fn, build_word_model
+    from apps.speech.model import WordServing, build_word_model
     from common import runs, training
 
     clips, layout = data.load_clips(args.data)
@@ -331,10 +336,7 @@ def words_train(args: argparse.Namespace) -> int:
     train_xy, val_xy, test_xy = arrays("train"), arrays("validation"), arrays("test")
     keras.utils.set_random_seed(args.seed)
     batch = min(args.batch_size, len(train_xy[1]))
-    augment = augment_fn(args.seed, args.noise, args.shift, args.gain,
-                         time_masks=args.time_masks, time_width=args.time_mask_width,
-                         freq_masks=args.freq_masks, freq_width=args.freq_mask_width,
-                         blocks=3 if feat_cfg.deltas else 1)
+    augment = _augment(args, feat_cfg, shift=args.shift)
     train_ds = tf.data.Dataset.from_tensor_slices(train_xy)
     if variants:
         # (N, versions, frames, dim): the original first, then one per speed factor.
@@ -622,7 +624,6 @@ def digits_train(args: argparse.Namespace) -> int:
     from apps.speech.model import (
         DIGITS,
         DigitServing,
-        augment_fn,
         build_ctc_model,
         ctc_loss,
         ctc_targets,
@@ -647,9 +648,7 @@ def digits_train(args: argparse.Namespace) -> int:
     prepared = [_utterance_features(s, cache, args.strict, args.speed if i == 0 else (),
                                     args.corpus_seed) for i, s in enumerate(sets)]
     keras.utils.set_random_seed(args.seed)
-    augment = augment_fn(args.seed, args.noise, 0, args.gain, time_masks=args.time_masks,
-                         time_width=args.time_mask_width, freq_masks=args.freq_masks,
-                         freq_width=args.freq_mask_width, blocks=3 if feat_cfg.deltas else 1)
+    augment = _augment(args, feat_cfg)
     if not (args.noise or args.gain or args.time_masks * args.time_mask_width
             or args.freq_masks * args.freq_mask_width):
         augment = None  # nothing to perturb: no per-batch map

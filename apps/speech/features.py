@@ -230,24 +230,25 @@ class FeatureCache:
             load_audio(path, self.cfg.sample_rate)  # raises the right AudioError
         with open(path, "rb") as f:  # in chunks: memory stays bounded for any file size
             digest = hashlib.file_digest(f, "sha1").hexdigest()
-        if speed != 1.0:
-            digest = hashlib.sha1(f"{digest}:speed={speed!r}".encode()).hexdigest()
-        x = self._load(digest)
-        if x is None:
-            y = speed_perturb(load_audio(path, self.cfg.sample_rate), speed, self.cfg.sample_rate)
-            x = mfcc(y, self.cfg, name=str(path))
-            self._store(digest, x)
-        return x
+        return self._cached(digest, speed, lambda: self._mfcc(
+            load_audio(path, self.cfg.sample_rate), speed, str(path)))
 
     def wave_features(self, y: np.ndarray, name: str, speed: float = 1.0) -> np.ndarray:
         """MFCCs of a waveform already at the configured rate (optionally speed-perturbed)."""
         y = np.ascontiguousarray(y, dtype=np.float32)
         digest = hashlib.sha1(y.tobytes()).hexdigest()
-        if speed != 1.0:
+        return self._cached(digest, speed, lambda: self._mfcc(y, speed, name))
+
+    def _mfcc(self, y: np.ndarray, speed: float, name: str) -> np.ndarray:
+        return mfcc(speed_perturb(y, speed, self.cfg.sample_rate), self.cfg, name=name)
+
+    def _cached(self, digest: str, speed: float, compute) -> np.ndarray:
+        """The entry of content `digest` at `speed`; on a miss, `compute()`, stored."""
+        if speed != 1.0:  # the perturbed features have their own key
             digest = hashlib.sha1(f"{digest}:speed={speed!r}".encode()).hexdigest()
         x = self._load(digest)
         if x is None:
-            x = mfcc(speed_perturb(y, speed, self.cfg.sample_rate), self.cfg, name=name)
+            x = compute()
             self._store(digest, x)
         return x
 

@@ -194,7 +194,7 @@ class DigitServing(tf.Module):
 
 
 def augment_fn(seed: int, noise: float, shift: int, gain: float, *, time_masks: int = 0,
-               time_width: int = 0, freq_masks: int = 0, freq_width: int = 0,
+               time_mask_width: int = 0, freq_masks: int = 0, freq_mask_width: int = 0,
                blocks: int = 1):
     """A tf.data map function that perturbs (features, label) training pairs.
 
@@ -202,12 +202,13 @@ def augment_fn(seed: int, noise: float, shift: int, gain: float, *, time_masks: 
     shift (drop up to `shift` leading frames, the sequence moves left), a random
     gain (every feature scaled by a factor in [1 - gain, 1 + gain]), additive
     Gaussian noise of std `noise`, then SpecAugment-style masking (Park et al.,
-    2019): `freq_masks` bands of up to `freq_width` coefficients and `time_masks`
-    spans of up to `time_width` frames (at most an eighth of the utterance each)
-    are set to the utterance mean, which is 0 after normalisation. The feature
-    vector is `blocks` equal parts (MFCCs, deltas, delta-deltas), and a band
-    masks the same coefficients in each part. Padding frames stay exactly zero;
-    real frames never become exactly zero (they would read as padding).
+    2019): `freq_masks` bands of up to `freq_mask_width` coefficients and
+    `time_masks` spans of up to `time_mask_width` frames (at most an eighth of
+    the utterance each) are set to the utterance mean, which is 0 after
+    normalisation. The feature vector is `blocks` equal parts (MFCCs, deltas,
+    delta-deltas), and a band masks the same coefficients in each part. Padding
+    frames stay exactly zero; real frames never become exactly zero (they would
+    read as padding).
     """
     def augment(x, y):
         frames = tf.shape(x)[0]
@@ -224,17 +225,17 @@ def augment_fn(seed: int, noise: float, shift: int, gain: float, *, time_masks: 
         if noise > 0:
             x = x + tf.random.normal(tf.shape(x), stddev=noise)
         keep = tf.ones_like(x)
-        if freq_masks > 0 and freq_width > 0:
+        if freq_masks > 0 and freq_mask_width > 0:
             coeffs = tf.shape(x)[1] // blocks
             column = tf.range(tf.shape(x)[1]) % coeffs
             for _ in range(freq_masks):
-                width = tf.random.uniform([], 0, freq_width + 1, dtype=tf.int32)
+                width = tf.random.uniform([], 0, freq_mask_width + 1, dtype=tf.int32)
                 start = tf.random.uniform([], 0, tf.maximum(coeffs - width, 0) + 1,
                                           dtype=tf.int32)
                 band = (column >= start) & (column < start + width)
                 keep = keep * tf.cast(~band, x.dtype)[None, :]
-        if time_masks > 0 and time_width > 0:
-            limit = tf.minimum(time_width, length // 8)
+        if time_masks > 0 and time_mask_width > 0:
+            limit = tf.minimum(time_mask_width, length // 8)
             row = tf.range(frames)
             for _ in range(time_masks):
                 width = tf.random.uniform([], 0, limit + 1, dtype=tf.int32)
