@@ -67,6 +67,10 @@ def test_stock_sample_end_to_end(tmp_path, capsys):
     assert metrics["examples"] == comparison["examples"]
     assert metrics["model"]["mae"] == pytest.approx(comparison["model"]["mae"], rel=1e-4)
     assert len(metrics["walk_forward"]) == 2
+    # The walk-forward band is scored, and so is the validation band it started from.
+    assert 0.0 <= metrics["model"]["coverage_10_90_fixed_band"] <= 1.0
+    assert metrics["model"]["coverage_10_90"] == pytest.approx(
+        comparison["model"]["coverage_10_90"])
     assert (run / "plots" / "forecast_spy_sample.png").stat().st_size > 1000
     assert (run / "plots" / "strategy_spy_sample.png").exists()
     assert any((run / "logs" / "evaluation").iterdir())
@@ -76,19 +80,22 @@ def test_stock_sample_end_to_end(tmp_path, capsys):
     forecast = last_json(out)["spy_sample"]
     assert forecast["q10"] <= forecast["q50"] <= forecast["q90"]
     assert forecast["last_date"] == "2017-11-10"
+    assert forecast["band_outcomes"] == metrics["examples"]  # walked through the test part
 
     export_dir = tmp_path / "export"
     code, out, err = run_cli(capsys, "export", "--run-dir", str(run), "--out", str(export_dir))
     assert code == 0, err
-    result = subprocess.run([sys.executable, "-c", FRESH, str(export_dir), str(SAMPLE)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=180,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    served = json.loads(result.stdout.splitlines()[-1])
-    assert served["ours"] == []
-    for key in ("forecast", "q10", "q50", "q90"):
-        assert served[key][0] == pytest.approx(forecast[key], abs=1e-5)
-    assert served["last"][0] == pytest.approx(258.09, abs=1e-3)
+    # Both the export and train's own SavedModel serve what predict printed, band included.
+    for saved in (export_dir, run / "saved_model"):
+        result = subprocess.run([sys.executable, "-c", FRESH, str(saved), str(SAMPLE)],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=180,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        served = json.loads(result.stdout.splitlines()[-1])
+        assert served["ours"] == []
+        for key in ("forecast", "q10", "q50", "q90"):
+            assert served[key][0] == pytest.approx(forecast[key], abs=1e-5), (saved, key)
+        assert served["last"][0] == pytest.approx(258.09, abs=1e-3)
 
 
 def test_temperature_level_series(tmp_path, capsys):

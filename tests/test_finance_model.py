@@ -144,3 +144,48 @@ def test_serving_module_exports_a_model_with_dropout(tmp_path):
     expected = M.decode(M.predict_z(model, rows), rows.astype(np.float64), scale, settings)
     np.testing.assert_allclose(served["forecast"].numpy(), expected[:, 0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(served["q90"].numpy(), expected[:, 3], rtol=1e-4, atol=1e-6)
+
+
+def test_walk_forward_band_recovers_80_percent_after_a_regime_shift():
+    rng = np.random.default_rng(RNG_SEED)
+    lo, hi = -1.2816, 1.2816  # the 10/90% quantiles of N(0, 1): fitted in a turbulent regime
+    calm = rng.normal(0.0, 0.5, 4000)  # then volatility halves
+    ticker = np.zeros(len(calm), int)
+    lo_t, hi_t, _ = M.track_band(calm, ticker, lo, hi, rate=0.01)
+    fixed = np.mean((calm >= lo) & (calm <= hi))
+    walked = (calm >= lo_t) & (calm <= hi_t)
+    assert fixed > 0.95
+    assert np.mean(walked[1000:]) == pytest.approx(0.8, abs=0.03)
+    assert np.mean(calm[1000:] < lo_t[1000:]) == pytest.approx(0.1, abs=0.03)
+    # Rate 0 is the fixed band.
+    lo0, hi0, _ = M.track_band(calm, ticker, lo, hi, rate=0.0)
+    assert np.all(lo0 == lo) and np.all(hi0 == hi)
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_walk_forward_band_uses_only_outcomes_known_before_each_forecast(lag):
+    rng = np.random.default_rng(RNG_SEED)
+    residual = rng.normal(0.0, 1.0, 200)
+    ticker = np.zeros(200, int)
+    lo_t, hi_t, final = M.track_band(residual, ticker, -1.0, 1.0, rate=0.05, lag=lag)
+    changed = residual.copy()
+    changed[120:] += 10.0  # every later outcome far above the band
+    lo_c, hi_c, _ = M.track_band(changed, ticker, -1.0, 1.0, rate=0.05, lag=lag)
+    np.testing.assert_array_equal(hi_c[:120 + lag], hi_t[:120 + lag])
+    assert np.all(hi_c[120 + lag:] > hi_t[120 + lag:])
+    # `final` is what the next forecast would get once the last outcomes are in.
+    more = np.r_[residual, np.zeros(lag)]
+    lo_m, hi_m, _ = M.track_band(more, np.zeros(200 + lag, int), -1.0, 1.0, rate=0.05, lag=lag)
+    assert final["0"] == (lo_m[-1], hi_m[-1])
+    assert np.all(lo_t <= 0) and np.all(hi_t >= 0)
+
+
+def test_walk_forward_band_walks_each_file_from_the_validation_offsets():
+    rng = np.random.default_rng(RNG_SEED)
+    a, b = rng.normal(0.0, 3.0, 300), rng.normal(0.0, 0.3, 300)
+    ticker = np.array(["a"] * 300 + ["b"] * 300)
+    lo_t, hi_t, final = M.track_band(np.r_[a, b], ticker, -1.0, 1.0, rate=0.02)
+    assert (lo_t[0], hi_t[0]) == (lo_t[300], hi_t[300]) == (-1.0, 1.0)
+    alone_b = M.track_band(b, np.full(300, "b"), -1.0, 1.0, rate=0.02)
+    np.testing.assert_array_equal(hi_t[300:], alone_b[1])
+    assert final["a"][1] > 1.0 > final["b"][1]  # wide file widened, calm file narrowed

@@ -95,6 +95,12 @@ def make_parser():
                             "and the point head unchanged, instead of a band fitted to cover "
                             "80%% of the validation part and a point forecast shrunk toward "
                             "persistence by the weight that minimises the validation MAE")
+    train.add_argument("--band-rate", type=non_negative_float, default=None, metavar="RATE",
+                       help="step of the walk-forward 10-90%% band (default 0.01): evaluate "
+                            "and predict move each edge by RATE x (missed - 0.1) volatility "
+                            "units after every outcome known before the next forecast, so "
+                            "the band keeps covering 80%% when the volatility regime shifts; "
+                            "0 keeps the band fitted on the validation part fixed")
     evaluate = commands[TASK, "evaluate"]
     evaluate.add_argument("--walk-forward", type=positive_int, default=1, metavar="K",
                           help="also report the metrics on K consecutive date blocks of the "
@@ -165,8 +171,10 @@ def train(args: argparse.Namespace) -> int:
         # here (never the test).
         val = parts["validation"]
         if args.calibrate and len(val) >= 20:
-            scale.update(M.calibrate(M.predict_z(model, val.x), val, scale, settings))
-        return M.ForecastServing(model, settings, scale)
+            rate = M.BAND_RATE if args.band_rate is None else args.band_rate
+            scale.update(M.calibrate(M.predict_z(model, val.x), val, scale, settings, rate))
+        return M.ForecastServing(model, settings,
+                                 M.serving_scale(model, parts["test"], scale, settings))
 
     with runs.open_run(args.run_dir, app=APP, task=TASK, resume=args.resume) as run:
         result = training.train(
@@ -180,7 +188,7 @@ def train(args: argparse.Namespace) -> int:
             serving_sample=parts["test"].x[:4],
             probe_inputs=parts["validation"].x[:16])
         test = parts["test"]
-        pred = M.predict_units(result.model, test.x, scale, settings)
+        pred, _ = M.forecast_known(result.model, test, scale, settings)
         table = evaluation.compare_by_ticker(pred, test, stats, kind)
         runs.write_json(run.metrics, {**result.metrics, "comparison": table})
         config = run.read_config()
@@ -222,7 +230,7 @@ def evaluate(args: argparse.Namespace) -> int:
     test = D.test_part(series, settings)
     model = run.load_model()
     kind = settings.target_kind
-    pred = M.predict_units(model, test.x, app["target_scale"], settings, args.batch_size)
+    pred, _ = M.forecast_known(model, test, app["target_scale"], settings, args.batch_size)
     stats = app["baseline_stats"]
     table = evaluation.compare_by_ticker(pred, test, stats, kind)
     table["target_kind"], table["horizon"] = kind, settings.horizon
@@ -243,18 +251,30 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     run, config, settings, app = _load(args)
+    import numpy as np
+
     from apps.finance import data as D
     from apps.finance import model as M
 
     series = D.load_series(_data_path(args, config, run), settings)
     latest = D.latest_windows(series, settings)
-    pred = M.predict_units(run.load_model(), latest.x, app["target_scale"], settings)
+    model, scale = run.load_model(), app["target_scale"]
+    # The walk-forward band learns from every outcome in the data after the test cut.
+    known = D.test_part(series, settings, allow_empty=True)
+    final = M.forecast_known(model, known, scale, settings)[1] if len(known) else {}
+    offsets = None
+    if final:
+        fixed = (scale["band_lo"], scale["band_hi"])
+        edges = np.array([final.get(str(t), fixed) for t in latest.ticker], np.float64)
+        offsets = (edges[:, 0], edges[:, 1])
+    pred = M.predict_units(model, latest.x, scale, settings, offsets=offsets)
     unit = {"return": "log return", "price": "price", "level": settings.target}
     out = {}
     for i, name in enumerate(latest.ticker):
         row = {k: float(v[i]) for k, v in pred.items()}
         row.update(last_date=str(latest.dates[i]), last_value=float(latest.last[i]),
-                   horizon_rows=settings.horizon, unit=unit[settings.target_kind])
+                   horizon_rows=settings.horizon, unit=unit[settings.target_kind],
+                   band_outcomes=int(np.sum(known.ticker == name)) if final else 0)
         out[str(name)] = row
         print(f"{name}: last {latest.dates[i]} {settings.target} {latest.last[i]:.4f}; "
               f"+{settings.horizon} rows {row['unit']}: {row['forecast']:.4f} "
@@ -273,12 +293,17 @@ def export(args: argparse.Namespace) -> int:
     from common.export import export_saved_model
 
     model = run.load_model(compile=False)
+    scale = app["target_scale"]
     path = Path(config["data"]) if config.get("data") else None
     if path is not None and path.exists():
-        sample = D.latest_windows(D.load_series(path, settings), settings).x[:4]
+        series = D.load_series(path, settings)
+        sample = D.latest_windows(series, settings).x[:4]
+        # The band as walked forward through the data's known outcomes, as predict uses it.
+        scale = M.serving_scale(model, D.test_part(series, settings, allow_empty=True), scale,
+                                settings)
     else:  # a flat, positive window still exercises every op
         sample = np.full((1, settings.window, len(settings.raw_columns)), 100.0, np.float32)
-    out = export_saved_model(M.ForecastServing(model, settings, app["target_scale"]),
+    out = export_saved_model(M.ForecastServing(model, settings, scale),
                              args.out or run.saved_model, sample)
     print(f"exported {out} (serving_default: rows [batch, {settings.window}, "
           f"{len(settings.raw_columns)}] = {', '.join(settings.raw_columns)})")

@@ -413,7 +413,7 @@ def min_rows(settings: Settings) -> int:
     return int(max(val_test, (per_part) / (1 - settings.val_fraction - settings.test_fraction)))
 
 
-def test_part(series: list[Series], settings: Settings) -> Windows:
+def test_part(series: list[Series], settings: Settings, allow_empty: bool = False) -> Windows:
     """The test windows of (possibly other) files, by the run's own cut dates."""
     test_cut = np.datetime64(settings.cut_dates[1], "D")
     parts = []
@@ -422,7 +422,7 @@ def test_part(series: list[Series], settings: Settings) -> Windows:
         parts.append(make_windows(s, settings, min(b + settings.window, len(s.dates)),
                                   len(s.dates)))
     out = concat(parts, settings)
-    if len(out) == 0:
+    if len(out) == 0 and not allow_empty:
         raise UserError(f"--data: no test windows: the run's test part starts "
                         f"{settings.cut_dates[1]} (+ a gap of {settings.window} rows) and "
                         "the data has too few rows after it")

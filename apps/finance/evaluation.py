@@ -95,6 +95,9 @@ def scores(pred: dict[str, np.ndarray], test: Windows, kind: str,
     pinball = [np.mean(np.maximum(t * (test.y - pred[q]), (t - 1) * (test.y - pred[q])))
                for t, q in ((0.1, "q10"), (0.5, "q50"), (0.9, "q90"))]
     out["pinball"] = float(np.mean(pinball))
+    if "q10_fixed" in pred:  # a walk-forward band: also the band it started from, unmoved
+        out["coverage_10_90_fixed_band"] = float(
+            np.mean((test.y >= pred["q10_fixed"]) & (test.y <= pred["q90_fixed"])))
     return out
 
 
