@@ -98,10 +98,20 @@ def _recurrence(
     xw_ta = tf.TensorArray(dtype, size=steps).unstack(xw)
     mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
 
-    def body(t, x_t, h, c, out_ta, saved_ta, *y):
-        # The next step's projection rides in the loop state: reading it here,
-        # outside the gate arithmetic, keeps XLA's gate fusion vectorised.
-        x_next = xw_ta.read(tf.minimum(t + 1, steps - 1))
+    # Without saving, the next step's projection rides in the loop state:
+    # reading it there, outside the gate arithmetic, keeps XLA's one gate fusion
+    # vectorised. With saving, the gates are split over several fusions anyway,
+    # and reading the step's slice in them beats the two copies per step that
+    # a carried slice costs (8.7 against 9.5 ms for 200 steps of 16 x 128).
+    carry_x = not save
+
+    def body(t, *state):
+        if carry_x:
+            x_t, h, c, out_ta, saved_ta, *y = state
+            x_next = xw_ta.read(tf.minimum(t + 1, steps - 1))
+        else:
+            h, c, out_ta, saved_ta, *y = state
+            x_t = xw_ta.read(t)
         z = x_t + b + tf.matmul(h, r)
         i, f, g, o = _gate_values(z, activation, recurrent_activation)
         c_new = f * c + i * g
@@ -124,13 +134,15 @@ def _recurrence(
         if save:
             row += [y_new] if mask_ta is not None else []
             saved_ta = saved_ta.write(t, tf.concat(row, axis=-1))
-        return (t + 1, x_next, h_new, c_new, out_ta, saved_ta) + y
+        return (t + 1,) + ((x_next,) if carry_x else ()) + (h_new, c_new, out_ta, saved_ta) + tuple(y)
 
     y0 = () if mask is None else (tf.zeros_like(h0),)
-    loop_vars = (tf.constant(0), xw_ta.read(0), h0, c0, out_ta, saved_ta) + y0
-    _, _, h, c, out_ta, saved_ta, *y = tf.while_loop(
+    x0 = (xw_ta.read(0),) if carry_x else ()
+    loop_vars = (tf.constant(0),) + x0 + (h0, c0, out_ta, saved_ta) + y0
+    _, *state = tf.while_loop(
         lambda t, *_: t < steps, body, loop_vars, maximum_iterations=steps
     )
+    h, c, out_ta, saved_ta, *y = state[len(x0):]
     saved = saved_ta.stack() if save else None
     if not return_sequences:
         outputs = y[0] if y else h
