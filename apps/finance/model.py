@@ -229,10 +229,8 @@ def decode(z, rows, scale: dict, settings: Settings, offsets=None):
 def predict_units(model: keras.Model, x: np.ndarray, scale: dict, settings: Settings,
                   batch_size: int = 256, offsets=None) -> dict[str, np.ndarray]:
     """Point forecast and 10/50/90% quantiles in the target's units."""
-    units = decode(predict_z(model, x, batch_size), x.astype(np.float64), scale, settings,
-                   offsets)
-    return {"forecast": units[:, 0], "q10": units[:, 1], "q50": units[:, 2],
-            "q90": units[:, 3]}
+    return _as_dict(decode(predict_z(model, x, batch_size), x.astype(np.float64), scale,
+                           settings, offsets))
 
 
 def forecast_known(model: keras.Model, w, scale: dict, settings: Settings,
