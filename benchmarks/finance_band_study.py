@@ -7,15 +7,15 @@ settings (window 40, volatility window 10, the default 15%/15% validation and
 test parts), only the windows that end before the test part's first date are
 used. They are cut into consecutive blocks as long as the validation part; the
 band is fitted on one block (split-conformal quantiles of the
-volatility-scaled return around its median, as `calibrate_offsets` does with
-the model's median) and scored on the next, half a block later each time.
+volatility-scaled, standardised return z around its median, as
+`calibrate_offsets` does with the model's median) and scored on the next, half a block later each time.
 The model's median of a daily return is close to a constant, so the block's
 median stands in for it; no model is trained.
 
 For each rate of `apps.finance.model.track_band` (0 = the fixed band) it
 prints the mean and worst |coverage - 0.80|, the share of scored blocks within
 0.80 +- 0.03, and the mean 80% interval score (width + 10 x the distance by
-which an outcome falls outside; lower is better, in volatility units). The
+which an outcome falls outside; lower is better, in z units). The
 run's default rate (BAND_RATE) is the largest rate whose interval score is no
 worse than the fixed band's. Writes benchmarks/results/finance_band_study.{txt,json}.
 """
@@ -41,19 +41,22 @@ RATES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05)
 
 
 def pre_test_residuals(path: Path) -> tuple[np.ndarray, int]:
-    """Volatility-scaled next-day returns of the windows before the test part; block length."""
+    """z of the windows before the test part (as the model is trained on); block length.
+
+    z is the volatility-scaled next-day return standardised with the TRAINING
+    part's mean and std (`fit_target_scale`), the units `track_band` moves in.
+    """
     settings = D.resolve_settings(path, target=None, target_kind="auto", window=40, horizon=1,
                                   features=None, vol_window=10, val_fraction=0.15,
                                   test_fraction=0.15, missing="fail", scale_by_volatility=True)
     series = D.load_series(path, settings)
     settings = dataclasses.replace(settings, cut_dates=D.cut_dates(series, settings))
     s = series[0]
-    before = int(np.searchsorted(s.dates, np.datetime64(settings.cut_dates[1], "D")))
-    w = D.make_windows(s, settings, 0, before)
-    scale = M.fit_target_scale(w, settings)
-    u = M.to_change(w.y, w.last, settings.target_kind) / M.recent_vol(
-        w.x, settings, scale["vol_floor"])
-    return u, int(len(s.dates) * settings.val_fraction)
+    val_cut, test_cut = (int(np.searchsorted(s.dates, np.datetime64(d, "D")))
+                         for d in settings.cut_dates)
+    scale = M.fit_target_scale(D.make_windows(s, settings, 0, val_cut), settings)
+    w = D.make_windows(s, settings, 0, test_cut)
+    return M.encode(w, scale, settings), int(len(s.dates) * settings.val_fraction)
 
 
 def score_block(cal: np.ndarray, ev: np.ndarray, rate: float) -> tuple[float, float]:
@@ -71,9 +74,9 @@ def score_block(cal: np.ndarray, ev: np.ndarray, rate: float) -> tuple[float, fl
 def main() -> int:
     per_rate: dict[float, dict[str, list]] = {r: {"coverage": [], "score": []} for r in RATES}
     for path in sorted(STOCKS.glob("*.txt")):
-        u, block = pre_test_residuals(path)
-        for start in range(0, len(u) - 2 * block + 1, block // 2):
-            cal, ev = u[start:start + block], u[start + block:start + 2 * block]
+        z, block = pre_test_residuals(path)
+        for start in range(0, len(z) - 2 * block + 1, block // 2):
+            cal, ev = z[start:start + block], z[start + block:start + 2 * block]
             for rate in RATES:
                 cov, score = score_block(cal, ev, rate)
                 per_rate[rate]["coverage"].append(cov)

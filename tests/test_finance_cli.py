@@ -85,6 +85,7 @@ def test_stock_sample_end_to_end(tmp_path, capsys):
     export_dir = tmp_path / "export"
     code, out, err = run_cli(capsys, "export", "--run-dir", str(run), "--out", str(export_dir))
     assert code == 0, err
+    assert f"10-90% band: walked through {metrics['examples']} outcome(s)" in out
     # Both the export and train's own SavedModel serve what predict printed, band included.
     for saved in (export_dir, run / "saved_model"):
         result = subprocess.run([sys.executable, "-c", FRESH, str(saved), str(SAMPLE)],
@@ -125,7 +126,7 @@ def bad_file(tmp_path, text):
 
 
 @pytest.mark.parametrize("case", ["date", "duplicate", "price", "missing", "window",
-                                  "not_numeric", "empty_folder", "no_target"])
+                                  "not_numeric", "empty_folder", "no_target", "band_rate"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     rows = SAMPLE.read_text().splitlines()
     run = tmp_path / "run"
@@ -153,6 +154,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     elif case == "no_target":
         extra = ["--target", "rainfall"]
         expect = "no column 'rainfall'"
+    elif case == "band_rate":
+        extra = ["--no-calibrate", "--band-rate", "0.02"]
+        expect = "--band-rate: the walk-forward band starts from the band fitted on"
     data = bad_file(tmp_path, "\n".join(rows) + "\n")
     if case == "empty_folder":
         data = tmp_path / "folder"

@@ -145,6 +145,14 @@ def test_too_short_series_and_window(tmp_path):
         settings_for(path, window=6)
 
 
+def test_two_files_that_would_be_one_ticker(tmp_path):
+    ohlcv_csv(tmp_path / "spy.csv", rows=300, seed=1)
+    ohlcv_csv(tmp_path / "spy.us.txt", rows=300, seed=2)
+    with pytest.raises(UserError, match=r"spy\.csv and .*spy\.us\.txt would both be ticker "
+                                        r"'spy'"):
+        load(tmp_path)
+
+
 def test_folder_without_csv(tmp_path):
     (tmp_path / "readme.md").write_text("x")
     with pytest.raises(UserError, match=r"the folder has no \.csv or \.txt files"):

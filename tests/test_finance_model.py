@@ -189,3 +189,50 @@ def test_walk_forward_band_walks_each_file_from_the_validation_offsets():
     alone_b = M.track_band(b, np.full(300, "b"), -1.0, 1.0, rate=0.02)
     np.testing.assert_array_equal(hi_t[300:], alone_b[1])
     assert final["a"][1] > 1.0 > final["b"][1]  # wide file widened, calm file narrowed
+
+
+def test_forecast_known_walks_the_band_with_the_horizon_as_lag(monkeypatch):
+    import dataclasses
+
+    settings = dataclasses.replace(Settings(window=20, vol_window=5), horizon=3)
+    rng = np.random.default_rng(RNG_SEED)
+    n = 300
+    rows = stock_rows(rng, n, settings.window)
+    w = windows(rows, rng.normal(0, 0.02, n), rows[:, -1, 3])
+    z = np.sort(rng.normal(0, 0.1, (n, 4)), axis=1)[:, [1, 0, 1, 3]]
+    monkeypatch.setattr(M, "predict_z", lambda model, x, batch_size=256: z)
+    scale = {"mean": 0.0, "std": 1.0, "shrink": 1.0, "vol_floor": 1e-3, "band_lo": -0.5,
+             "band_hi": 0.5, "band_rate": 0.05}
+    pred, final = M.forecast_known(None, w, scale, settings)
+    residual = M.encode(w, scale, settings) - z[:, 2]
+    lo, hi, expected = M.track_band(residual, w.ticker, -0.5, 0.5, rate=0.05, lag=3)
+    walked = M.decode(z, w.x.astype(np.float64), scale, settings, (lo, hi))
+    np.testing.assert_allclose(pred["q10"], walked[:, 1])
+    np.testing.assert_allclose(pred["q90"], walked[:, 3])
+    assert final == expected
+    # The unmoved band rides along, and equals what predict_units gives.
+    fixed = M.predict_units(None, w.x, scale, settings)
+    np.testing.assert_allclose(pred["q10_fixed"], fixed["q10"])
+    np.testing.assert_allclose(pred["forecast"], fixed["forecast"])
+    assert not np.allclose(pred["q10"], fixed["q10"])  # the wide validation band narrowed
+    # The SavedModel's band: where the walk ended.
+    assert M.walked_scale(scale, final)["band_lo"] == pytest.approx(final["t"][0])
+
+
+@pytest.mark.parametrize("scale", [
+    {"mean": 0.0, "std": 1.0, "band": 2.0},  # a run from before the offsets
+    {"mean": 0.0, "std": 1.0, "band_lo": -1.0, "band_hi": 1.0, "shrink": 1.0},  # no rate
+    {"mean": 0.0, "std": 1.0, "band_lo": -1.0, "band_hi": 1.0, "band_rate": 0.0},
+])
+def test_runs_without_a_band_rate_keep_their_fixed_band(monkeypatch, scale):
+    settings = Settings(window=20, vol_window=5)
+    rng = np.random.default_rng(RNG_SEED)
+    rows = stock_rows(rng, 50, settings.window)
+    w = windows(rows, rng.normal(0, 0.02, 50), rows[:, -1, 3])
+    z = np.sort(rng.normal(0, 0.1, (50, 4)), axis=1)[:, [1, 0, 1, 3]]
+    monkeypatch.setattr(M, "predict_z", lambda model, x, batch_size=256: z)
+    pred, final = M.forecast_known(None, w, scale, settings)
+    assert final == {} and "q10_fixed" not in pred
+    np.testing.assert_allclose(pred["q90"], M.predict_units(None, w.x, scale, settings)["q90"])
+    assert M.walk_ends(None, w, scale, settings) == {}
+    assert M.walked_scale(scale, {}) is scale

@@ -47,7 +47,7 @@ def feature_list(text: str) -> tuple[str, ...]:
 
 
 def make_parser():
-    from apps.finance.data import MISSING_POLICIES, TARGET_KINDS
+    from apps.finance.data import BAND_RATE, MISSING_POLICIES, TARGET_KINDS
 
     parser, commands = build_parser(
         "lstm-finance",
@@ -96,11 +96,12 @@ def make_parser():
                             "80%% of the validation part and a point forecast shrunk toward "
                             "persistence by the weight that minimises the validation MAE")
     train.add_argument("--band-rate", type=non_negative_float, default=None, metavar="RATE",
-                       help="step of the walk-forward 10-90%% band (default 0.01): evaluate "
-                            "and predict move each edge by RATE x (missed - 0.1) volatility "
-                            "units after every outcome known before the next forecast, so "
-                            "the band keeps covering 80%% when the volatility regime shifts; "
-                            "0 keeps the band fitted on the validation part fixed")
+                       help="step of the walk-forward 10-90%% band: evaluate, predict and "
+                            "the SavedModels move each edge by RATE x (missed - 0.1) after "
+                            "every outcome known before the next forecast (in units of the "
+                            "standardised, volatility-scaled change), so the band keeps "
+                            "covering 80%% when the volatility regime shifts; 0 keeps the "
+                            f"band fitted on the validation part fixed (default {BAND_RATE:g})")
     evaluate = commands[TASK, "evaluate"]
     evaluate.add_argument("--walk-forward", type=positive_int, default=1, metavar="K",
                           help="also report the metrics on K consecutive date blocks of the "
@@ -129,6 +130,9 @@ def handle(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     from apps.finance import data as D
 
+    if not args.calibrate and args.band_rate is not None:
+        raise UserError("--band-rate: the walk-forward band starts from the band fitted on "
+                        "the validation part, which --no-calibrate turns off; drop one of them")
     data_path = Path(args.data) if args.data else SAMPLE
     # Everything about the data is checked before the run directory is touched.
     settings = D.resolve_settings(
@@ -165,16 +169,22 @@ def train(args: argparse.Namespace) -> int:
           f"{len(parts['test'])}; validation from {settings.cut_dates[0]}, test from "
           f"{settings.cut_dates[1]}", flush=True)
 
+    walked = {}  # the test part's forecasts with the walk-forward band, and its end
+
     def serving(model):
-        # Called by `train` with the best weights, before the SavedModel is written:
-        # the quantile band and the point shrinkage are fitted on the validation part
-        # here (never the test).
+        # Called by `train` with the best weights, before the SavedModel is written.
+        # The band and the point shrinkage are fitted on the validation part only;
+        # the band then walks through the test part's outcomes, each forecast using
+        # only those before it, and the SavedModel carries where the walk ended.
         val = parts["validation"]
         if args.calibrate and len(val) >= 20:
-            rate = M.BAND_RATE if args.band_rate is None else args.band_rate
+            rate = D.BAND_RATE if args.band_rate is None else args.band_rate
             scale.update(M.calibrate(M.predict_z(model, val.x), val, scale, settings, rate))
-        return M.ForecastServing(model, settings,
-                                 M.serving_scale(model, parts["test"], scale, settings))
+        elif args.calibrate:
+            print(f"warning: only {len(val)} validation windows (fewer than 20): the model "
+                  "is used as trained, with its own 10-90% band", file=sys.stderr)
+        walked["pred"], walked["final"] = M.forecast_known(model, parts["test"], scale, settings)
+        return M.ForecastServing(model, settings, M.walked_scale(scale, walked["final"]))
 
     with runs.open_run(args.run_dir, app=APP, task=TASK, resume=args.resume) as run:
         result = training.train(
@@ -188,7 +198,8 @@ def train(args: argparse.Namespace) -> int:
             serving_sample=parts["test"].x[:4],
             probe_inputs=parts["validation"].x[:16])
         test = parts["test"]
-        pred, _ = M.forecast_known(result.model, test, scale, settings)
+        pred = walked["pred"] if walked else M.forecast_known(result.model, test, scale,
+                                                              settings)[0]
         table = evaluation.compare_by_ticker(pred, test, stats, kind)
         runs.write_json(run.metrics, {**result.metrics, "comparison": table})
         config = run.read_config()
@@ -259,9 +270,10 @@ def predict(args: argparse.Namespace) -> int:
     series = D.load_series(_data_path(args, config, run), settings)
     latest = D.latest_windows(series, settings)
     model, scale = run.load_model(), app["target_scale"]
-    # The walk-forward band learns from every outcome in the data after the test cut.
+    # The walk-forward band learns from every outcome in the data's test part
+    # (after the test cut and its one-window gap).
     known = D.test_part(series, settings, allow_empty=True)
-    final = M.forecast_known(model, known, scale, settings)[1] if len(known) else {}
+    final = M.walk_ends(model, known, scale, settings)
     offsets = None
     if final:
         fixed = (scale["band_lo"], scale["band_hi"])
@@ -294,19 +306,27 @@ def export(args: argparse.Namespace) -> int:
 
     model = run.load_model(compile=False)
     scale = app["target_scale"]
+    fitted = "band_lo" in scale or float(scale.get("band", 1.0)) != 1.0
+    band = "the validation band" if fitted else "the model's own quantile heads"
     path = Path(config["data"]) if config.get("data") else None
     if path is not None and path.exists():
         series = D.load_series(path, settings)
         sample = D.latest_windows(series, settings).x[:4]
         # The band as walked forward through the data's known outcomes, as predict uses it.
-        scale = M.serving_scale(model, D.test_part(series, settings, allow_empty=True), scale,
-                                settings)
+        known = D.test_part(series, settings, allow_empty=True)
+        final = M.walk_ends(model, known, scale, settings)
+        scale = M.walked_scale(scale, final)
+        if final:
+            band = (f"walked through {len(known)} outcome(s) of {path}"
+                    + (f", the mean of {len(final)} files' offsets" if len(final) > 1 else ""))
     else:  # a flat, positive window still exercises every op
         sample = np.full((1, settings.window, len(settings.raw_columns)), 100.0, np.float32)
+        band = f"{band} ({path} not found)" if path is not None else band
     out = export_saved_model(M.ForecastServing(model, settings, scale),
                              args.out or run.saved_model, sample)
     print(f"exported {out} (serving_default: rows [batch, {settings.window}, "
-          f"{len(settings.raw_columns)}] = {', '.join(settings.raw_columns)})")
+          f"{len(settings.raw_columns)}] = {', '.join(settings.raw_columns)}); "
+          f"10-90% band: {band}")
     return 0
 
 

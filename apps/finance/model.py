@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from apps.finance.data import OHLCV, Settings
+from apps.finance.data import BAND_RATE, OHLCV, Settings
 from common.lstm import LSTM
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -233,39 +233,55 @@ def predict_units(model: keras.Model, x: np.ndarray, scale: dict, settings: Sett
                            settings, offsets))
 
 
+def band_moves(scale: dict) -> bool:
+    """True when the run's 10-90% band walks forward (a validation band and a rate > 0)."""
+    return "band_lo" in scale and float(scale.get("band_rate", 0.0)) > 0
+
+
 def forecast_known(model: keras.Model, w, scale: dict, settings: Settings,
                    batch_size: int = 256) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     """Forecasts for windows whose outcomes are known (the test part), walking forward.
 
     The point forecast and median are the model's; the 10-90% band starts
-    from the validation offsets and, when the run has a band rate (see
-    `track_band`), is updated after each outcome that was known when the next
-    forecast was made. Returns the forecasts (plus `q10_fixed`/`q90_fixed`,
-    the band that never moves) and each file's offsets after its last outcome
+    from the validation offsets and, when the band moves (`band_moves`), is
+    updated after each outcome that was known when the next forecast was made
+    (`track_band`). Returns the forecasts (plus `q10_fixed`/`q90_fixed`, the
+    band that never moves) and each file's offsets after its last outcome
     (empty when the band does not move).
     """
     z = predict_z(model, w.x, batch_size)
     rows = w.x.astype(np.float64)
     pred = _as_dict(decode(z, rows, scale, settings))
-    rate = float(scale.get("band_rate", 0.0))
-    if rate <= 0 or "band_lo" not in scale:
+    if not band_moves(scale):
         return pred, {}
     residual = encode(w, scale, settings) - z[:, 2]
     lo, hi, final = track_band(residual, w.ticker, float(scale["band_lo"]),
-                               float(scale["band_hi"]), rate=rate, lag=settings.horizon)
-    tracked = _as_dict(decode(z, rows, scale, settings, (lo, hi)))
-    tracked["q10_fixed"], tracked["q90_fixed"] = pred["q10"], pred["q90"]
-    return tracked, final
+                               float(scale["band_hi"]), rate=float(scale["band_rate"]),
+                               lag=settings.horizon)
+    walked = _as_dict(decode(z, rows, scale, settings, (lo, hi)))
+    walked["q10_fixed"], walked["q90_fixed"] = pred["q10"], pred["q90"]
+    return walked, final
 
 
-def serving_scale(model: keras.Model, known, scale: dict, settings: Settings) -> dict:
-    """`scale` with the band offsets walked forward through the outcomes in `known`.
+def walk_ends(model: keras.Model, known, scale: dict, settings: Settings
+              ) -> dict[str, tuple[float, float]]:
+    """Each file's band offsets after walking through the known outcomes in `known`.
 
-    What the SavedModel carries, so it serves the band `predict` would use.
-    With several files, the mean of their offsets; with no known outcomes or
-    a fixed band, `scale` itself.
+    Empty when the band does not move or nothing is known: the caller keeps
+    the validation band.
     """
-    final = forecast_known(model, known, scale, settings)[1] if len(known) else {}
+    if not len(known) or not band_moves(scale):
+        return {}
+    return forecast_known(model, known, scale, settings)[1]
+
+
+def walked_scale(scale: dict, final: dict[str, tuple[float, float]]) -> dict:
+    """`scale` with the band offsets the walk reached (`forecast_known`'s `final`).
+
+    What a SavedModel carries, so it serves the band `predict` would use. With
+    several files, the mean of their offsets; with none (a fixed band, or no
+    known outcomes), `scale` itself.
+    """
     if not final:
         return scale
     lo, hi = np.mean(list(final.values()), axis=0)
@@ -329,13 +345,6 @@ def calibrate_offsets(z: np.ndarray, y_z: np.ndarray, coverage: float = 0.8) -> 
     return min(float(lo), 0.0), max(float(hi), 0.0)
 
 
-# Step of the walk-forward band, in z units (about volatility units) per outcome.
-# Chosen on the nine stock files' rows BEFORE their test parts
-# (benchmarks/finance_band_study.py): the largest rate whose mean 80% interval
-# score (width plus 10x the misses) is no worse than the fixed band's. Over 72
-# fit-on-one-block, score-the-next periods it cut the mean coverage error from
-# 0.0115 to 0.0060 and the worst from 0.038 to 0.027.
-BAND_RATE = 0.01
 
 
 def track_band(residual: np.ndarray, ticker: np.ndarray, lo: float, hi: float, *,
@@ -348,8 +357,10 @@ def track_band(residual: np.ndarray, ticker: np.ndarray, lo: float, hi: float, *
     moves each edge by `rate` x (missed - tail): an edge that was crossed
     moves out by rate x 0.9, one that held moves in by rate x 0.1, so each
     edge is crossed by 10% of the outcomes over time even when the
-    volatility regime shifts (Gibbs & Candes 2021, "Adaptive conformal
-    inference under distribution shift"). Every forecast uses only outcomes
+    volatility regime shifts (online quantile tracking, the "P control" of
+    Angelopoulos, Candes & Tibshirani 2023, "Conformal PID control for time
+    series prediction"; the adaptive conformal inference of Gibbs & Candes 2021
+    steps the miscoverage level instead). Every forecast uses only outcomes
     known before it was made. `residual` is the outcome minus the median, in
     z units; windows of one file must be consecutive and in date order.
     Returns the offsets in force for every window, and each file's offsets
