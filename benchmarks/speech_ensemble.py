@@ -1,0 +1,114 @@
+"""Would an ensemble of seeds reach the FSDD official-split target? (a benchmark, not a test)
+
+    .venv/bin/python benchmarks/speech_ensemble.py --seeds 1,2,3
+
+Trains one `words` model per seed on FSDD's official split (indices 0-4 are the
+test clips) through the real command line, with the defaults otherwise. Then it
+loads each run's SavedModel with plain TensorFlow (the deployed artifact: raw
+waveform in, probabilities out), scores every test clip, and scores the mean of
+the members' probabilities. Prints a table and writes
+benchmarks/results/speech_ensemble.{txt,json}. Target of the official split:
+accuracy >= 0.99 (at most 2 of the 250 test clips wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = Path("/work/shared/data/fsdd/recordings")
+RESULTS = ROOT / "benchmarks" / "results"
+OFFICIAL_TEST = re.compile(r"^(\d)_([a-z]+)_([0-4])\.wav$")  # FSDD: indices 0-4 are test
+
+
+def train(run_dir: Path, seed: int, args) -> float:
+    started = time.time()
+    command = [sys.executable, "-m", "apps.speech", "words", "train", "--data", str(args.data),
+               "--run-dir", str(run_dir), "--seed", str(seed), "--epochs", str(args.epochs),
+               "--max-minutes", str(args.max_minutes), "--cache-dir", str(args.cache_dir)]
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"training failed ({result.returncode}): {result.stderr[-1500:]}")
+    return (time.time() - started) / 60
+
+
+def member_probabilities(saved_model: Path, waves: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    rows = []
+    for wave in waves:  # one clip per call: no padding differences between members
+        out = serve(waveform=tf.constant(wave[None], tf.float32))
+        rows.append(out["probabilities"].numpy()[0])
+    config = json.loads((saved_model.parent / "config.json").read_text())
+    labels = config["app_settings"]["labels"]
+    return np.stack(rows), labels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/speech_ensemble"))
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/speech_quality_cache"))
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--max-minutes", type=float, default=15.0)
+    args = parser.parse_args()
+
+    from apps.speech.features import load_audio
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = {seed: args.out / f"official-seed{seed}-{stamp}" for seed in seeds}
+    minutes = {seed: round(train(run, seed, args), 1) for seed, run in runs.items()}
+
+    clips = sorted(p for p in args.data.glob("*.wav") if OFFICIAL_TEST.match(p.name))
+    truth = [OFFICIAL_TEST.match(p.name).group(1) for p in clips]
+    waves = [load_audio(p, 8000) for p in clips]
+    members, rows = [], []
+    for seed, run in runs.items():
+        probs, labels = member_probabilities(run / "saved_model", waves)
+        members.append((probs, labels))
+        predicted = [labels[i] for i in probs.argmax(axis=1)]
+        accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+        epochs = json.loads((run / "metrics.json").read_text())["epochs_completed"]
+        rows.append({"member": f"seed {seed}", "accuracy": accuracy,
+                     "wrong": int(round((1 - accuracy) * len(clips))), "epochs": epochs,
+                     "minutes": minutes[seed]})
+    labels = members[0][1]
+    assert all(m[1] == labels for m in members), "members disagree on the label order"
+    mean = np.mean([m[0] for m in members], axis=0)
+    best = mean.argmax(axis=1)
+    accuracy = float(np.mean([labels[i] == t for i, t in zip(best, truth, strict=True)]))
+    rows.append({"member": f"ensemble of {len(members)} (mean probability)",
+                 "accuracy": accuracy, "wrong": int(round((1 - accuracy) * len(clips))),
+                 "epochs": None, "minutes": None})
+
+    lines = [f"FSDD official split, {len(clips)} test clips; target accuracy >= 0.99",
+             f"{'member':34} {'accuracy':>8} {'wrong':>5} {'epochs':>6} {'minutes':>7}"]
+    for r in rows:
+        lines.append(f"{r['member']:34} {r['accuracy']:8.4f} {r['wrong']:5d} "
+                     f"{r['epochs'] if r['epochs'] is not None else '':>6} "
+                     f"{r['minutes'] if r['minutes'] is not None else '':>7}")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speech_ensemble.txt").write_text(text + "\n")
+    (RESULTS / "speech_ensemble.json").write_text(json.dumps(
+        {"seeds": seeds, "test_clips": len(clips), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
