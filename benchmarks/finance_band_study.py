@@ -97,7 +97,7 @@ def main() -> int:
     fixed = rows[0]["interval_score"]
     chosen = max(r["rate"] for r in rows if r["interval_score"] <= fixed)
     lines.append(f"largest rate scoring no worse than the fixed band: {chosen:g} "
-                 f"(apps.finance.model.BAND_RATE = {M.BAND_RATE:g})")
+                 f"(apps.finance.data.BAND_RATE = {D.BAND_RATE:g})")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
