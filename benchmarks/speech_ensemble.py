@@ -6,7 +6,8 @@ Trains one `words` model per seed on FSDD's official split (indices 0-4 are the
 test clips) through the real command line, with the defaults otherwise. Then it
 loads each run's SavedModel with plain TensorFlow (the deployed artifact: raw
 waveform in, probabilities out), scores every test clip, and scores the mean of
-the members' probabilities. Prints a table and writes
+the members' probabilities. Last, the app's own `words ensemble` combines the
+runs and `words evaluate --json` scores that run. Prints a table and writes
 benchmarks/results/speech_ensemble.{txt,json}. Target of the official split:
 accuracy >= 0.99 (at most 2 of the 250 test clips wrong).
 """
@@ -30,15 +31,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 OFFICIAL_TEST = re.compile(r"^(\d)_([a-z]+)_([0-4])\.wav$")  # FSDD: indices 0-4 are test
 
 
-def train(run_dir: Path, seed: int, args) -> float:
-    started = time.time()
-    command = [sys.executable, "-m", "apps.speech", "words", "train", "--data", str(args.data),
-               "--run-dir", str(run_dir), "--seed", str(seed), "--epochs", str(args.epochs),
-               "--max-minutes", str(args.max_minutes), "--cache-dir", str(args.cache_dir)]
+def words(*args: str) -> str:
+    """`python -m apps.speech words ARGS`; its stdout."""
+    command = [sys.executable, "-m", "apps.speech", "words", *args]
     print("$", " ".join(command), flush=True)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"training failed ({result.returncode}): {result.stderr[-1500:]}")
+        raise SystemExit(f"failed ({result.returncode}): {result.stderr[-1500:]}")
+    return result.stdout
+
+
+def train(run_dir: Path, seed: int, args) -> float:
+    started = time.time()
+    words("train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed", str(seed),
+          "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
+          "--cache-dir", str(args.cache_dir))
     return (time.time() - started) / 60
 
 
@@ -93,6 +100,13 @@ def main() -> int:
     accuracy = float(np.mean([labels[i] == t for i, t in zip(best, truth, strict=True)]))
     rows.append({"member": f"ensemble of {len(members)} (mean probability)",
                  "accuracy": accuracy, "wrong": int(round((1 - accuracy) * len(clips))),
+                 "epochs": None, "minutes": None})
+    ensemble = args.out / f"official-ensemble-{stamp}"
+    words("ensemble", "--run-dir", str(ensemble), "--members", *map(str, runs.values()))
+    scored = json.loads(words("evaluate", "--run-dir", str(ensemble), "--cache-dir",
+                              str(args.cache_dir), "--json").strip().splitlines()[-1])
+    rows.append({"member": "app: words ensemble + evaluate", "accuracy": scored["accuracy"],
+                 "wrong": int(round((1 - scored["accuracy"]) * scored["examples"])),
                  "epochs": None, "minutes": None})
 
     lines = [f"FSDD official split, {len(clips)} test clips; target accuracy >= 0.99",

@@ -226,6 +226,7 @@ def build_parser(
     *,
     predict_command: str | Mapping[str, str] = "predict",
     train_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_commands: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[ArgumentParser, dict[tuple[str, str], ArgumentParser]]:
     """An ``<task> <command>`` parser tree with the shared flags on every command.
 
@@ -236,6 +237,9 @@ def build_parser(
         predict_command: "predict" or "generate" (or a per-task mapping) for the
             command that runs a trained model.
         train_defaults: per-task overrides of `TRAIN_DEFAULTS`.
+        extra_commands: per task, more commands (name -> one-line help) after the
+            four standard ones; they get ``--run-dir`` and ``--debug``, the app
+            adds the rest.
 
     Returns:
         The root parser, and a dict (task, command) -> subparser for the app's
@@ -260,6 +264,13 @@ def build_parser(
                 add_train_flags(sub, **(train_defaults or {}).get(task, {}))
             else:
                 add_flags(sub)
+            commands[task, command] = sub
+        for command, help_text in (extra_commands or {}).get(task, {}).items():
+            sub = command_parsers.add_parser(command, help=help_text,
+                                             description=f"{task}: {help_text}",
+                                             formatter_class=HelpFormatter)
+            add_run_dir_flag(sub)
+            add_debug_flag(sub)
             commands[task, command] = sub
     return parser, commands
 

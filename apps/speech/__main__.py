@@ -47,7 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
         {"words": "recognise an isolated spoken word (one label per recording)",
          "digits": "transcribe a string of spoken digits (CTC)"},
         train_defaults={"words": {"epochs": 30, "batch_size": 32, "patience": 8},
-                        "digits": {"epochs": 40, "batch_size": 32, "patience": 8}})
+                        "digits": {"epochs": 40, "batch_size": 32, "patience": 8}},
+        extra_commands={"words": {"ensemble": "combine trained runs into one run whose "
+                                              "probabilities are the mean of theirs"}})
     data_help = ("recordings: an FSDD folder ({digit}_{speaker}_{index}.wav), a Speech "
                  "Commands folder (one sub-folder per label), or tfds:speech_commands; "
                  "default: the FSDD sample shipped in apps/speech/samples/fsdd")
@@ -99,6 +101,11 @@ def make_parser() -> argparse.ArgumentParser:
         commands[task, "predict"].add_argument("files", nargs="+", metavar="FILE",
                                                help="audio files (WAV/FLAC/OGG), any rate, "
                                                     "mono or stereo")
+    commands["words", "ensemble"].add_argument(
+        "--members", nargs="+", required=True, metavar="RUN",
+        help="two or more trained `words` run directories with the same data, labels and "
+             "features (e.g. the same command with different --seed); --run-dir is the new "
+             "run, which `evaluate`, `predict` and `export` then treat like any other")
     return parser
 
 
@@ -514,6 +521,51 @@ def words_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def words_ensemble(args: argparse.Namespace) -> int:
+    from apps.speech.model import WordServing, build_word_ensemble
+    from common import runs
+    from common.export import export_saved_model
+
+    if len(args.members) < 2:
+        raise UserError("--members: an ensemble needs at least 2 runs")
+    members = [runs.load_run(path, app=APP, task="words") for path in args.members]
+    if Path(args.run_dir).absolute() in {m.root for m in members}:
+        raise UserError(f"--run-dir {args.run_dir}: is one of the --members; choose a new "
+                        "directory for the ensemble")
+    first, feat_cfg = _saved_settings(members[0])
+    data_source = members[0].read_config().get("data")
+    for member in members[1:]:
+        settings, _ = _saved_settings(member)
+        differs = [key for key in ("labels", "features", "max_frames", "test_speakers")
+                   if settings.get(key) != first.get(key)]
+        if member.read_config().get("data") != data_source:
+            differs.append("data")
+        if differs:
+            raise UserError(f"--members: {member.root} differs from {members[0].root} in "
+                            f"{', '.join(differs)}; members must be trained on the same data, "
+                            "labels and features")
+    model = build_word_ensemble([_load_model(m) for m in members])
+    member_metrics = [runs.read_json(m.metrics) if m.metrics.exists() else {}
+                      for m in members]
+    settings = {**first, "ensemble_members": [str(m.root) for m in members]}
+    with runs.open_run(args.run_dir, app=APP, task="words") as run:
+        runs.atomic_save_model(model, run.model)
+        config = run.read_config()
+        config.update(data=data_source, app_settings=settings,
+                      model={"name": model.name, "parameters": model.count_params()})
+        runs.write_json(run.config, config)
+        export_saved_model(WordServing(model, feat_cfg, first["labels"]), run.saved_model,
+                           _synthetic_waves(feat_cfg.sample_rate))
+        runs.write_json(run.metrics, {
+            "ensemble_of": settings["ensemble_members"],
+            "member_test": [(mm.get("test") or {}) for mm in member_metrics]})
+    alone = ", ".join(f"{(mm.get('test') or {}).get('accuracy', float('nan')):.4f}"
+                      for mm in member_metrics)
+    print(f"ensemble of {len(members)} runs written to {run.root} (members' test accuracy: "
+          f"{alone}); score it with: words evaluate --run-dir {run.root}")
+    return 0
+
+
 def _synthetic_waves(rate: int):
     """Two short tone bursts: a self-check input that needs no data files."""
     import numpy as np
@@ -753,6 +805,7 @@ def digits_export(args: argparse.Namespace) -> int:
 HANDLERS = {
     ("words", "train"): words_train, ("words", "evaluate"): words_evaluate,
     ("words", "predict"): words_predict, ("words", "export"): words_export,
+    ("words", "ensemble"): words_ensemble,
     ("digits", "train"): digits_train, ("digits", "evaluate"): digits_evaluate,
     ("digits", "predict"): digits_predict, ("digits", "export"): digits_export,
 }
