@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,26 +25,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = Path("/work/shared/data/fsdd/recordings")
-RESULTS = ROOT / "benchmarks" / "results"
+from speech_quality import DATA, RESULTS, cli  # noqa: E402  (its sibling script)
+
 OFFICIAL_TEST = re.compile(r"^(\d)_([a-z]+)_([0-4])\.wav$")  # FSDD: indices 0-4 are test
-
-
-def words(*args: str) -> str:
-    """`python -m apps.speech words ARGS`; its stdout."""
-    command = [sys.executable, "-m", "apps.speech", "words", *args]
-    print("$", " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {result.stderr[-1500:]}")
-    return result.stdout
 
 
 def train(run_dir: Path, seed: int, args) -> float:
     started = time.time()
-    words("train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed", str(seed),
-          "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
-          "--cache-dir", str(args.cache_dir))
+    cli("words", "train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed",
+        str(seed), "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
+        "--cache-dir", str(args.cache_dir))
     return (time.time() - started) / 60
 
 
@@ -102,9 +91,9 @@ def main() -> int:
                  "accuracy": accuracy, "wrong": int(round((1 - accuracy) * len(clips))),
                  "epochs": None, "minutes": None})
     ensemble = args.out / f"official-ensemble-{stamp}"
-    words("ensemble", "--run-dir", str(ensemble), "--members", *map(str, runs.values()))
-    scored = json.loads(words("evaluate", "--run-dir", str(ensemble), "--cache-dir",
-                              str(args.cache_dir), "--json").strip().splitlines()[-1])
+    cli("words", "ensemble", "--run-dir", str(ensemble), "--members", *map(str, runs.values()))
+    scored = cli("words", "evaluate", "--run-dir", str(ensemble), "--cache-dir",
+                 str(args.cache_dir), "--json")
     rows.append({"member": "app: words ensemble + evaluate", "accuracy": scored["accuracy"],
                  "wrong": int(round((1 - scored["accuracy"]) * scored["examples"])),
                  "epochs": None, "minutes": None})

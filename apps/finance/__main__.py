@@ -198,8 +198,7 @@ def train(args: argparse.Namespace) -> int:
             serving_sample=parts["test"].x[:4],
             probe_inputs=parts["validation"].x[:16])
         test = parts["test"]
-        pred = walked["pred"] if walked else M.forecast_known(result.model, test, scale,
-                                                              settings)[0]
+        pred = walked["pred"]  # `train` called `serving` with the model it returned
         table = evaluation.compare_by_ticker(pred, test, stats, kind)
         runs.write_json(run.metrics, {**result.metrics, "comparison": table})
         config = run.read_config()

@@ -345,12 +345,10 @@ def calibrate_offsets(z: np.ndarray, y_z: np.ndarray, coverage: float = 0.8) -> 
     return min(float(lo), 0.0), max(float(hi), 0.0)
 
 
-
-
 def track_band(residual: np.ndarray, ticker: np.ndarray, lo: float, hi: float, *,
                rate: float, lag: int = 1, coverage: float = 0.8
                ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, float]]]:
-    """Walk-forward (adaptive conformal) 10-90% band offsets, file by file.
+    """Walk-forward 10-90% band offsets (online quantile tracking), file by file.
 
     Starts from the validation offsets `lo`/`hi` (z units) and, once the
     outcome of a forecast is known (`lag` windows later, i.e. the horizon),
