@@ -5,6 +5,7 @@
     python benchmarks/nlp_quality.py imdb                         # 10% held out
     python benchmarks/nlp_quality.py polarity --folds 10          # 10-fold CV
     python benchmarks/nlp_quality.py polarity --folds 10 --vectors imdb   # + word vectors
+    python benchmarks/nlp_quality.py polarity --folds 10 --init-from imdb # fine-tune an IMDB model
     python benchmarks/nlp_quality.py textgen --minutes 5 --units 256   # flags for train
 
 Each benchmark runs the app's own command line with its default settings (plus
@@ -16,6 +17,11 @@ the machine load and the date) and printed as a table.
 from the TEXT of the IMDB reviews only (no labels; no rt-polarity sentences, so
 no test fold leaks into the vectors), caches them under --work, and passes
 them as ``--embeddings``: semi-supervised learning with unlabelled in-domain text.
+
+``--init-from imdb`` first trains a sentiment model on the labelled IMDB reviews
+(the app's defaults, 12 minutes at most; cached under --work) and fine-tunes it
+on every fold (``--init-from``): supervised transfer from another review corpus,
+so its rows are reported apart from those that learn from rt-polarity alone.
 
 Targets: textgen <= 1.88 nats/char (5 min) and <= 1.50 (60 min) of validation
 loss on the last 10% of Tiny Shakespeare; IMDB accuracy >= 0.88 on a 10% hold
@@ -112,17 +118,38 @@ def build_vectors(opts) -> tuple[Path, dict]:
     return path, info
 
 
+# Labelled corpora a polarity model can start from: train flags of the source run.
+SOURCES = {"imdb": ["--data", str(DATA / "imdb" / "imdb_reviews.csv"), "--max-minutes", "12"]}
+
+
+def source_run(opts) -> tuple[Path, dict]:
+    """The cached --init-from run (trained on first use), and how it was made."""
+    run = opts.work / f"{opts.init_from}_source"
+    args = ["sentiment", "train", "--run-dir", str(run), *SOURCES[opts.init_from]]
+    info = {"run": str(run), "command": "python -m apps.nlp " + " ".join(args)}
+    if not (run / "model.keras").exists():
+        info["train_seconds"] = round(run_cli(["sentiment", "train", "--run-dir",
+                                               str(fresh(run)), *SOURCES[opts.init_from]]), 1)
+    metrics = json.loads((run / "metrics.json").read_text())
+    info["source_test_accuracy"] = metrics["test_classification"]["accuracy"]
+    return run, info
+
+
 def bench_polarity(opts) -> dict:
     run = fresh(opts.work / "polarity")
-    extra, vectors = list(opts.extra), None
+    extra, vectors, source = list(opts.extra), None, None
     if opts.vectors:
         path, vectors = build_vectors(opts)
         extra = ["--embeddings", str(path), *extra]
+    if opts.init_from:
+        source_dir, source = source_run(opts)
+        extra = ["--init-from", str(source_dir), *extra]
     args = ["sentiment", "train", "--run-dir", str(run), "--data", str(DATA / "rt-polarity"),
             "--cv", str(opts.folds), *extra]
     seconds = run_cli(args)
     cv = json.loads((run / "cv.json").read_text())
-    variant = (f" vectors={opts.vectors}" if opts.vectors else "") + "".join(
+    variant = (f" vectors={opts.vectors}" if opts.vectors else "") + (
+        f" init={opts.init_from}" if opts.init_from else "") + "".join(
         f" {a}" for a in opts.extra)
     result = {"name": f"polarity{variant}", "value": cv["accuracy_mean"],
               "std": cv["accuracy_std"], "folds": cv["folds"],
@@ -131,6 +158,8 @@ def bench_polarity(opts) -> dict:
               "command": "python -m apps.nlp " + " ".join(args)}
     if vectors:
         result["vectors"] = vectors
+    if source:
+        result["init_from"] = source
     return result
 
 
@@ -159,6 +188,9 @@ def main() -> int:
     parser.add_argument("--vectors", choices=sorted(VECTORS), default=None,
                         help="polarity: build (once, cached in --work) and use word vectors "
                              "trained on this unlabelled text")
+    parser.add_argument("--init-from", choices=sorted(SOURCES), default=None,
+                        help="polarity: train (once, cached in --work) a model on this labelled "
+                             "corpus and fine-tune it on every fold")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlp_quality"),
                         help="where the run directories go")
     # Any other flag goes to the app's train command, e.g. --units 256.

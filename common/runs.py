@@ -29,7 +29,7 @@ import socket
 import sys
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,14 @@ _OLD_MARK = ".old-"
 
 @dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory."""
+    """The paths of one run directory.
+
+    ``flag`` is the command-line flag that named it, for error messages
+    (``--run-dir``, or e.g. ``--init-from`` for a run read as a starting point).
+    """
 
     root: Path
+    flag: str = field(default="--run-dir", compare=False)
 
     @property
     def config(self) -> Path:
@@ -107,14 +112,14 @@ class RunDir:
         missing = [key for key in required if key not in settings]
         if not settings or missing:
             what = f"app_settings.{missing[0]}" if settings else "app_settings"
-            raise UserError(f"--run-dir {self.root}: the run never finished its set-up "
+            raise UserError(f"{self.flag} {self.root}: the run never finished its set-up "
                             f"({self.config} has no {what}); train it again")
         return settings
 
     def load_model(self, *, compile: bool = True):
         """`RUN/model.keras`, loaded with safe_mode=True."""
         if not self.model.exists():
-            raise UserError(f"--run-dir {self.root}: no model.keras; train it first")
+            raise UserError(f"{self.flag} {self.root}: no model.keras; train it first")
         return load_keras(self.model, compile=compile)
 
 
@@ -379,15 +384,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def _check_owner(root: Path, app: str, task: str) -> dict[str, Any] | None:
+def _check_owner(root: Path, app: str, task: str,
+                 flag: str = "--run-dir") -> dict[str, Any] | None:
     """The existing run's config, or None for a new run; refuse foreign folders."""
     if not root.exists():
         return None
     if not root.is_dir():
-        raise UserError(f"--run-dir {root}: exists and is not a directory")
+        raise UserError(f"{flag} {root}: exists and is not a directory")
     config_path = RunDir(root).config
     if (root / "saved_model.pb").is_file():
-        raise UserError(f"--run-dir {root}: is a SavedModel, not a run directory; pass the "
+        raise UserError(f"{flag} {root}: is a SavedModel, not a run directory; pass the "
                         "run directory it was exported from (the folder holding config.json)")
     if not config_path.exists():
         # A folder with only our lock (a run killed before it wrote anything)
@@ -396,7 +402,7 @@ def _check_owner(root: Path, app: str, task: str) -> dict[str, Any] | None:
                   if p.name != ".lock" and _TMP_MARK not in p.name]
         if others:
             raise UserError(
-                f"--run-dir {root}: not empty and not a run directory "
+                f"{flag} {root}: not empty and not a run directory "
                 f"(contains {', '.join(sorted(others)[:3])}); choose a new folder"
             )
         return None
@@ -404,8 +410,8 @@ def _check_owner(root: Path, app: str, task: str) -> dict[str, Any] | None:
     owner = (config.get("app"), config.get("task"))
     if owner != (app, task):
         raise UserError(
-            f"--run-dir {root}: belongs to app '{owner[0]}' task '{owner[1]}', not "
-            f"'{app}' task '{task}'; choose another --run-dir"
+            f"{flag} {root}: belongs to app '{owner[0]}' task '{owner[1]}', not "
+            f"'{app}' task '{task}'; choose another {flag}"
         )
     return config
 
@@ -528,15 +534,19 @@ def lock_for_writing(path: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
-def load_run(run_dir: str | os.PathLike, *, app: str, task: str) -> RunDir:
-    """An existing run of `app`/`task`, for evaluate/predict/export (no lock)."""
-    run = RunDir(Path(run_dir).absolute())
+def load_run(run_dir: str | os.PathLike, *, app: str, task: str,
+             flag: str = "--run-dir") -> RunDir:
+    """An existing run of `app`/`task`, for evaluate/predict/export (no lock).
+
+    `flag` names the command-line flag that gave `run_dir` in error messages.
+    """
+    run = RunDir(Path(run_dir).absolute(), flag)
     if run.root.exists() and not run.root.is_dir():
-        raise UserError(f"--run-dir {run.root}: is a file, not a run directory")
+        raise UserError(f"{flag} {run.root}: is a file, not a run directory")
     if not run.root.is_dir():
-        raise UserError(f"--run-dir {run.root}: no such run directory")
-    if _check_owner(run.root, app, task) is None:
-        raise UserError(f"--run-dir {run.root}: not a run directory (no config.json)")
+        raise UserError(f"{flag} {run.root}: no such run directory")
+    if _check_owner(run.root, app, task, flag) is None:
+        raise UserError(f"{flag} {run.root}: not a run directory (no config.json)")
     return run
 
 

@@ -153,3 +153,70 @@ def test_max_pooling_ignores_padding():
     texts = sentiment.as_inputs(["a b", "c a b c c"])
     np.testing.assert_allclose(short(texts).numpy(), long(texts).numpy(), rtol=1e-5)
     assert short.get_layer("max_over_time") is not None
+
+
+def test_pretrained_parts_carry_vocabulary_and_weights_to_a_longer_model():
+    kwargs = {"vocabulary": ("good", "bad", "film"), "embedding_dim": 4, "units": 3}
+    source = sentiment.build_model(sentiment.SentimentConfig(max_len=6, **kwargs))
+    vocabulary, weights = sentiment.pretrained_parts(source)
+    assert vocabulary == kwargs["vocabulary"]
+    assert set(weights) == {"embedding", "bilstm_0", "positive"}
+    tuned = sentiment.build_model(sentiment.SentimentConfig(
+        max_len=12, dropout=0.5, **{**kwargs, "vocabulary": vocabulary}))
+    sentiment.set_pretrained_weights(tuned, weights)
+    texts = sentiment.as_inputs(["good film", "bad bad film unknownword"])
+    np.testing.assert_allclose(source(texts).numpy(), tuned(texts).numpy(), rtol=1e-5)
+
+
+def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path):
+    from common.runs import load_keras
+
+    folder = write_polarity(tmp_path / "rt")
+    run = tmp_path / "tuned"
+    # A vanishing learning rate: one epoch leaves the starting weights in place.
+    assert main(["sentiment", "train", "--run-dir", str(run), "--data", str(folder),
+                 "--init-from", str(run_dir), "--units", "8", "--max-len", "24", "--epochs", "1",
+                 "--batch-size", "16", "--learning-rate", "1e-9"]) == 0
+    settings = json.loads((run / "config.json").read_text())["app_settings"]
+    assert settings["init_from"] == str(run_dir.absolute())
+    assert (settings["units"], settings["embedding_dim"], settings["max_len"]) == (8, 8, 24)
+    source, tuned = load_keras(run_dir / "model.keras"), load_keras(run / "model.keras")
+    assert (tuned.get_layer("vectorizer").get_vocabulary()
+            == source.get_layer("vectorizer").get_vocabulary())
+    for name in ("embedding", "bilstm_0", "positive"):
+        for a, b in zip(source.get_layer(name).get_weights(), tuned.get_layer(name).get_weights(),
+                        strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    # Cross-validation fine-tunes every fold from the same run.
+    cv = tmp_path / "cv"
+    assert main(["sentiment", "train", "--run-dir", str(cv), "--data", str(folder), "--cv", "2",
+                 "--init-from", str(run_dir), "--epochs", "1", "--batch-size", "16"]) == 0
+    assert json.loads((cv / "cv.json").read_text())["folds"] == 2
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--units", "16"], "--units 16: --init-from"),
+    (["--pooling", "max"], "--pooling max: --init-from"),
+    (["--max-tokens", "50"], "--max-tokens: the vocabulary and word vectors come from"),
+    (["--embeddings", "vectors.txt"], "--embeddings: the vocabulary and word vectors come from"),
+])
+def test_init_from_refuses_another_model_shape(run_dir, tmp_path, capsys, flags, expect):
+    run = tmp_path / "tuned"
+    assert main(["sentiment", "train", "--run-dir", str(run), "--init-from", str(run_dir),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not run.exists()
+
+
+def test_init_from_names_a_missing_or_foreign_run(tmp_path, capsys):
+    run = tmp_path / "tuned"
+    assert main(["sentiment", "train", "--run-dir", str(run), "--init-from",
+                 str(tmp_path / "nothing")]) == 2
+    assert "--init-from " in capsys.readouterr().err and not run.exists()
+    textgen = tmp_path / "textgen"
+    textgen.mkdir()
+    (textgen / "config.json").write_text(json.dumps({"app": "nlp", "task": "textgen"}))
+    assert main(["sentiment", "train", "--run-dir", str(run), "--init-from", str(textgen)]) == 2
+    err = capsys.readouterr().err
+    assert "--init-from" in err and "task 'textgen'" in err and not run.exists()

@@ -31,6 +31,9 @@ APP = "nlp"
 
 TEXTGEN_DATA_HELP = ("a UTF-8 text file (see --encoding), or tfds:tiny_shakespeare; default: "
                      "the bundled Shakespeare excerpt")
+# The sentiment model's shape when neither a flag nor --init-from gives it.
+SENTIMENT_SHAPE = {"max_tokens": 20000, "embedding_dim": 64, "units": 64, "layers": 1,
+                   "pooling": "last"}
 SENTIMENT_DATA_HELP = ("a CSV (see --text-col/--label-col), a folder or file of the Pang & Lee "
                        "rt-polarity.pos/.neg pair, or tfds:imdb_reviews; default: the bundled "
                        "sample CSV")
@@ -132,13 +135,14 @@ def make_parser() -> argparse.ArgumentParser:
               "labelled data to evaluate on (all of it; same formats as train); default: the "
               "test split of the training data")
     train = commands["sentiment", "train"]
-    train.add_argument("--max-tokens", type=positive_int, default=20000,
-                       help="vocabulary size (most frequent words of the training split)")
+    train.add_argument("--max-tokens", type=positive_int, default=None,
+                       help="vocabulary size (most frequent words of the training split); "
+                            f"default {SENTIMENT_SHAPE['max_tokens']}")
     train.add_argument("--max-len", type=positive_int, default=256,
                        help="words per text: longer texts are cut, shorter ones padded")
     train.add_argument("--embedding-dim", type=positive_int, default=None,
-                       help="size of the word embedding; default: 64, or the dimension of "
-                            "--embeddings")
+                       help=f"size of the word embedding; default: {SENTIMENT_SHAPE['embedding_dim']}"
+                            ", or the dimension of --embeddings")
     train.add_argument("--embeddings", metavar="PATH", default=None,
                        help="initialise the embedding with pre-trained word vectors: a "
                             "GloVe/word2vec text file (`word v1 ... vD` per line, optional "
@@ -152,17 +156,26 @@ def make_parser() -> argparse.ArgumentParser:
                             "labelled training text lacks still get their pre-trained vector "
                             "when the model reads them; best with --freeze-embeddings; "
                             "default 0: the training text's words only")
-    train.add_argument("--units", type=positive_int, default=64,
-                       help="units per direction of each bidirectional LSTM")
-    train.add_argument("--layers", type=positive_int, default=1,
-                       help="number of stacked bidirectional LSTMs")
+    train.add_argument("--units", type=positive_int, default=None,
+                       help="units per direction of each bidirectional LSTM; default "
+                            f"{SENTIMENT_SHAPE['units']}")
+    train.add_argument("--layers", type=positive_int, default=None,
+                       help="number of stacked bidirectional LSTMs; default "
+                            f"{SENTIMENT_SHAPE['layers']}")
     train.add_argument("--dropout", type=unit_interval, default=0.3,
                        help="dropout after each LSTM layer")
     train.add_argument("--embedding-dropout", type=unit_interval, default=0.0,
                        help="dropout on the word vectors, before the first LSTM")
-    train.add_argument("--pooling", choices=("last", "max"), default="last",
+    train.add_argument("--pooling", choices=("last", "max"), default=None,
                        help="what the classifier sees of the last LSTM layer: its final "
-                            "states, or the max over time of all its states")
+                            "states, or the max over time of all its states; default "
+                            f"{SENTIMENT_SHAPE['pooling']}")
+    train.add_argument("--init-from", metavar="RUN", default=None,
+                       help="fine-tune: start from an earlier sentiment run's vocabulary and "
+                            "weights (embedding, LSTMs, output), e.g. a model trained on a "
+                            "larger review corpus; the model's shape (--max-tokens, "
+                            "--embedding-dim, --units, --layers, --pooling) comes from RUN, "
+                            "while --max-len, the dropouts and the optimiser flags apply")
     train.add_argument("--cv", type=at_least_two, default=None, metavar="K",
                        help="K-fold cross-validation instead of one run: trains K models and "
                             "writes per-fold and mean test metrics to RUN/cv.json")
@@ -398,7 +411,7 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
                             ("--embeddings-vocabulary", args.embeddings_vocabulary)):
             if value:
                 raise UserError(f"{flag} needs --embeddings PATH")
-        args.embedding_dim = args.embedding_dim or 64
+        args.embedding_dim = args.embedding_dim or SENTIMENT_SHAPE["embedding_dim"]
         args.extra_words = ()
         return None
     # The file's own commonest words join the vocabulary, with their vectors.
@@ -416,27 +429,81 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
     return vectors
 
 
-def _sentiment_config(args, texts):
+def resolve_model_shape(args: argparse.Namespace):
+    """Fill in the model-shape flags; with --init-from, from that run.
+
+    Returns the run to start from (its `RunDir`), or None. Reads only its
+    config.json, so a wrong --init-from fails before TensorFlow is imported. A
+    shape flag that disagrees with the run, --max-tokens (the vocabulary is the
+    run's) and --embeddings (so are the word vectors) are refused.
+    """
+    from common import runs
+
+    if args.init_from is None:
+        for key, value in SENTIMENT_SHAPE.items():
+            if key != "embedding_dim" and getattr(args, key) is None:
+                setattr(args, key, value)  # embedding_dim: see load_word_vectors
+        return None
+    source = runs.load_run(args.init_from, app=APP, task="sentiment", flag="--init-from")
+    settings = source.app_settings("embedding_dim", "units", "layers", "pooling")
+    for flag, given in (("--max-tokens", args.max_tokens), ("--embeddings", args.embeddings)):
+        if given is not None:
+            raise UserError(f"{flag}: the vocabulary and word vectors come from --init-from "
+                            f"{source.root}; drop {flag}")
+    for key in ("embedding_dim", "units", "layers", "pooling"):
+        given = getattr(args, key)
+        if given is not None and given != settings[key]:
+            raise UserError(f"--{key.replace('_', '-')} {given}: --init-from {source.root} has "
+                            f"{settings[key]}; the model's shape comes from that run, so drop "
+                            "the flag")
+        setattr(args, key, settings[key])
+    return source
+
+
+def load_pretrained(source):
+    """(vocabulary, weights by layer name) of the --init-from run, or None."""
+    if source is None:
+        return None
     from apps.nlp import sentiment
 
-    vocabulary = sentiment.adapt_vocabulary(texts, args.max_tokens)
-    known = set(vocabulary)
-    vocabulary += tuple(w for w in args.extra_words if w not in known)
+    vocabulary, weights = sentiment.pretrained_parts(source.load_model(compile=False))
+    print(f"--init-from: {len(vocabulary)} words and the weights of {source.root}", flush=True)
+    return vocabulary, weights
+
+
+def _sentiment_config(args, texts, pretrained=None):
+    from apps.nlp import sentiment
+
+    if pretrained is not None:
+        vocabulary, known = pretrained[0], set(pretrained[0])
+    else:
+        vocabulary = sentiment.adapt_vocabulary(texts, args.max_tokens)
+        known = set(vocabulary)
+        vocabulary += tuple(w for w in args.extra_words if w not in known)
     return sentiment.SentimentConfig(
         vocabulary=vocabulary, max_len=args.max_len,
         embedding_dim=args.embedding_dim, units=args.units, layers=args.layers,
         dropout=args.dropout, embedding_dropout=args.embedding_dropout, pooling=args.pooling,
         embeddings=args.embeddings, freeze_embeddings=args.freeze_embeddings,
-        embeddings_vocabulary=len(vocabulary) - len(known))
+        embeddings_vocabulary=len(vocabulary) - len(known),
+        init_from=None if args.init_from is None else str(Path(args.init_from).absolute()))
 
 
-def _initial_embeddings(config, vectors, seed: int):
-    """The Embedding's starting matrix from `vectors`, or None (random init)."""
+def _build_sentiment_model(config, vectors, pretrained, seed: int):
+    """A new model: random, from --embeddings vectors, or from the --init-from run."""
+    from apps.nlp import sentiment
+
     if vectors is None:
-        return None
-    from apps.nlp import embeddings
+        matrix = None
+    else:
+        from apps.nlp import embeddings
 
-    return embeddings.embedding_matrix(config.vocabulary, vectors, config.embedding_dim, seed)
+        matrix = embeddings.embedding_matrix(config.vocabulary, vectors, config.embedding_dim,
+                                             seed)
+    model = sentiment.build_model(config, matrix)
+    if pretrained is not None:
+        sentiment.set_pretrained_weights(model, pretrained[1])
+    return model
 
 
 def _loader_settings(args) -> dict:
@@ -445,8 +512,10 @@ def _loader_settings(args) -> dict:
 
 
 def sentiment_train(args: argparse.Namespace) -> int:
+    source = resolve_model_shape(args)
     train, val, test = load_sentiment_splits(args, args.data, args.seed)
     vectors = load_word_vectors(args, train.texts)
+    pretrained = load_pretrained(source)
 
     import keras
     import tensorflow as tf
@@ -454,7 +523,7 @@ def sentiment_train(args: argparse.Namespace) -> int:
     from apps.nlp import sentiment
     from common import runs, training
 
-    config = _sentiment_config(args, train.texts)
+    config = _sentiment_config(args, train.texts, pretrained)
     settings = {**config.to_json(), "data": args.data, "split_seed": args.seed,
                 "loader": _loader_settings(args),
                 "examples": {"train": len(train), "validation": len(val), "test": len(test)}}
@@ -462,7 +531,7 @@ def sentiment_train(args: argparse.Namespace) -> int:
     with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
         result = training.train(
             run, training.TrainConfig.from_args(args),
-            lambda: sentiment.build_model(config, _initial_embeddings(config, vectors, args.seed)),
+            lambda: _build_sentiment_model(config, vectors, pretrained, args.seed),
             as_xy(train), as_xy(val), as_xy(test), loss="binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
             data_source=args.data or str(nlp_data_sample()), settings=settings,
@@ -490,6 +559,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
 
     if nlp_data.tfds_name(args.data):
         raise UserError("--cv: use a local file (TFDS datasets come with their own test split)")
+    source = resolve_model_shape(args)
     full = nlp_data.load_labelled(args.data, text_col=args.text_col, label_col=args.label_col,
                                   encoding=args.encoding, positive_label=args.positive_label)
     if len(full) < 2 * args.cv:
@@ -497,6 +567,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
     parts = nlp_data.folds(len(full), args.cv, args.seed)
     # The vectors of every word of the data (each fold keeps those of its vocabulary).
     vectors = load_word_vectors(args, full.texts)
+    pretrained = load_pretrained(source)
 
     import keras
     import numpy as np
@@ -515,9 +586,8 @@ def sentiment_cv(args: argparse.Namespace) -> int:
             train, val, test = full.take(rest[cut:]), full.take(rest[:cut]), full.take(test_idx)
             training.set_seed(args.seed + k)
             keras.backend.clear_session()
-            model_config = _sentiment_config(args, train.texts)
-            model = sentiment.build_model(
-                model_config, _initial_embeddings(model_config, vectors, args.seed + k))
+            model_config = _sentiment_config(args, train.texts, pretrained)
+            model = _build_sentiment_model(model_config, vectors, pretrained, args.seed + k)
             train_ds = training.as_dataset(
                 (sentiment.as_inputs(train.texts), train.labels.astype("float32")),
                 args.batch_size, shuffle=True, seed=args.seed + k)

@@ -35,6 +35,7 @@ class SentimentConfig:
     embeddings: str | None = None  # the pre-trained vectors file, if any
     freeze_embeddings: bool = False
     embeddings_vocabulary: int = 0  # the vectors file's commonest words added
+    init_from: str | None = None  # the run whose vocabulary and weights this one starts from
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -85,6 +86,24 @@ def build_model(config: SentimentConfig,
     if embedding_matrix is not None:
         embedding.set_weights([embedding_matrix])  # raises on a shape mismatch
     return model
+
+
+def pretrained_parts(model: keras.Model) -> tuple[tuple[str, ...], dict[str, list]]:
+    """The vocabulary and the weights (by layer name) a fine-tuning run starts from.
+
+    Everything with weights but the vectorizer: the embedding, every BiLSTM and
+    the output layer, as numpy arrays, so they outlive the source model's session.
+    """
+    vocabulary = tuple(str(w) for w in model.get_layer("vectorizer").get_vocabulary()[2:])
+    weights = {layer.name: layer.get_weights() for layer in model.layers
+               if layer.weights and layer.name != "vectorizer"}
+    return vocabulary, weights
+
+
+def set_pretrained_weights(model: keras.Model, weights: dict[str, list]) -> None:
+    """Load `pretrained_parts` weights into a model built from the same shape."""
+    for name, values in weights.items():
+        model.get_layer(name).set_weights(values)
 
 
 def as_inputs(texts: list[str]) -> np.ndarray:

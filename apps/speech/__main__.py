@@ -528,7 +528,8 @@ def words_ensemble(args: argparse.Namespace) -> int:
 
     if len(args.members) < 2:
         raise UserError("--members: an ensemble needs at least 2 runs")
-    members = [runs.load_run(path, app=APP, task="words") for path in args.members]
+    members = [runs.load_run(path, app=APP, task="words", flag="--members")
+               for path in args.members]
     if Path(args.run_dir).absolute() in {m.root for m in members}:
         raise UserError(f"--run-dir {args.run_dir}: is one of the --members; choose a new "
                         "directory for the ensemble")
