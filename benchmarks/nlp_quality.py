@@ -6,6 +6,7 @@
     python benchmarks/nlp_quality.py polarity --folds 10          # 10-fold CV
     python benchmarks/nlp_quality.py polarity --folds 10 --vectors imdb   # + word vectors
     python benchmarks/nlp_quality.py polarity --folds 10 --init-from imdb # fine-tune an IMDB model
+    python benchmarks/nlp_quality.py polarity-ensemble --members polarity-vectors-imdb,polarity-init-imdb
     python benchmarks/nlp_quality.py textgen --minutes 5 --units 256   # flags for train
 
 Each benchmark runs the app's own command line with its default settings (plus
@@ -22,6 +23,11 @@ them as ``--embeddings``: semi-supervised learning with unlabelled in-domain tex
 (the app's defaults, 12 minutes at most; cached under --work) and fine-tunes it
 on every fold (``--init-from``): supervised transfer from another review corpus,
 so its rows are reported apart from those that learn from rt-polarity alone.
+
+Each polarity variant keeps its run in --work (``polarity``, ``polarity-vectors-imdb``,
+``polarity-init-imdb``; a rerun of a variant replaces it). ``polarity-ensemble``
+averages the out-of-fold probabilities (``cv_predictions.csv``) of such runs,
+which share their folds when they share --seed, and scores the mean per fold.
 
 Targets: textgen <= 1.88 nats/char (5 min) and <= 1.50 (60 min) of validation
 loss on the last 10% of Tiny Shakespeare; IMDB accuracy >= 0.88 on a 10% hold
@@ -136,7 +142,8 @@ def source_run(opts) -> tuple[Path, dict]:
 
 
 def bench_polarity(opts) -> dict:
-    run = fresh(opts.work / "polarity")
+    run = fresh(opts.work / ("polarity" + (f"-vectors-{opts.vectors}" if opts.vectors else "")
+                             + (f"-init-{opts.init_from}" if opts.init_from else "")))
     extra, vectors, source = list(opts.extra), None, None
     if opts.vectors:
         path, vectors = build_vectors(opts)
@@ -163,6 +170,37 @@ def bench_polarity(opts) -> dict:
     return result
 
 
+def read_predictions(run: Path) -> dict[int, tuple[int, int, float]]:
+    """index -> (fold, label, probability) from a CV run's cv_predictions.csv."""
+    path = run / "cv_predictions.csv"
+    if not path.exists():
+        raise SystemExit(f"{path}: missing; run that polarity variant first")
+    lines = path.read_text().splitlines()[1:]
+    return {int(i): (int(k), int(y), float(p))
+            for i, k, y, p in (line.split(",") for line in lines)}
+
+
+def bench_polarity_ensemble(opts) -> dict:
+    """The mean out-of-fold probability of earlier polarity runs, scored per fold."""
+    names = opts.members.split(",")
+    members = [read_predictions(opts.work / name) for name in names]
+    first = {i: (k, y) for i, (k, y, _) in members[0].items()}
+    for name, member in zip(names[1:], members[1:], strict=True):
+        if {i: (k, y) for i, (k, y, _) in member.items()} != first:
+            raise SystemExit(f"{name}: other folds or labels than {names[0]} (same --seed "
+                             "and --folds needed)")
+    folds: dict[int, list[bool]] = {}
+    for i, (k, y) in first.items():
+        mean = sum(member[i][2] for member in members) / len(members)
+        folds.setdefault(k, []).append((mean >= 0.5) == bool(y))
+    per_fold = [sum(hits) / len(hits) for _, hits in sorted(folds.items())]
+    mean = sum(per_fold) / len(per_fold)
+    std = (sum((a - mean) ** 2 for a in per_fold) / len(per_fold)) ** 0.5
+    return {"name": f"polarity ensemble={opts.members}", "value": mean, "std": std,
+            "folds": len(per_fold), "per_fold": per_fold, "wall_seconds": 0.0,
+            "members": {name: str(opts.work / name) for name in names}}
+
+
 def write_table(results: dict) -> str:
     """The results as a text table, also written beside the JSON."""
     width = max(len("benchmark"), *(len(r["name"]) for r in results.values())) + 2
@@ -181,7 +219,7 @@ def write_table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("textgen", "imdb", "polarity"))
+    parser.add_argument("benchmark", choices=("textgen", "imdb", "polarity", "polarity-ensemble"))
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget (--max-minutes); textgen default 5")
     parser.add_argument("--folds", type=int, default=10, help="polarity: cross-validation folds")
@@ -191,6 +229,8 @@ def main() -> int:
     parser.add_argument("--init-from", choices=sorted(SOURCES), default=None,
                         help="polarity: train (once, cached in --work) a model on this labelled "
                              "corpus and fine-tune it on every fold")
+    parser.add_argument("--members", default="polarity-vectors-imdb,polarity-init-imdb",
+                        help="polarity-ensemble: comma-separated polarity runs in --work")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlp_quality"),
                         help="where the run directories go")
     # Any other flag goes to the app's train command, e.g. --units 256.
@@ -200,7 +240,8 @@ def main() -> int:
     opts.work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     result = {"textgen": bench_textgen, "imdb": bench_imdb,
-              "polarity": bench_polarity}[opts.benchmark](opts)
+              "polarity": bench_polarity,
+              "polarity-ensemble": bench_polarity_ensemble}[opts.benchmark](opts)
     what, op, target = TARGETS[result["name"].split()[0]]
     result.update({
         "metric": what, "target": f"{op} {target}" if target is not None else None,

@@ -111,6 +111,16 @@ def test_cross_validation_on_polarity_files(tmp_path):
     assert cv["folds"] == 2 and len(cv["per_fold"]) == 2
     assert sum(f["examples"] for f in cv["per_fold"]) == 40  # every example tested once
     assert cv["accuracy_mean"] == pytest.approx(np.mean([f["accuracy"] for f in cv["per_fold"]]))
+    # Every example's out-of-fold probability, in the data's order.
+    lines = (run / "cv_predictions.csv").read_text().splitlines()
+    assert lines[0] == "index,fold,label,probability"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [int(r[0]) for r in rows] == list(range(40))
+    assert [int(r[2]) for r in rows] == [1] * 20 + [0] * 20
+    for k, fold in enumerate(cv["per_fold"], start=1):
+        mine = [(int(r[2]), float(r[3])) for r in rows if int(r[1]) == k]
+        assert len(mine) == fold["examples"]
+        assert np.mean([(p >= 0.5) == y for y, p in mine]) == pytest.approx(fold["accuracy"])
 
 
 def test_classification_metrics():

@@ -178,7 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
                             "while --max-len, the dropouts and the optimiser flags apply")
     train.add_argument("--cv", type=at_least_two, default=None, metavar="K",
                        help="K-fold cross-validation instead of one run: trains K models and "
-                            "writes per-fold and mean test metrics to RUN/cv.json")
+                            "writes per-fold and mean test metrics to RUN/cv.json and every "
+                            "example's out-of-fold probability to RUN/cv_predictions.csv")
     predict = commands["sentiment", "predict"]
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--file", metavar="PATH",
@@ -577,6 +578,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
 
     config = training.TrainConfig.from_args(args)
     results = []
+    predictions = []  # (index in the data, fold, label, probability): each example once
     with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
         for k, test_idx in enumerate(parts):
             rest = np.setdiff1d(np.arange(len(full)), test_idx)
@@ -602,6 +604,8 @@ def sentiment_cv(args: argparse.Namespace) -> int:
             probs = sentiment.predict_texts(model, test.texts)
             fold = sentiment.classification_metrics(test.labels, probs)
             results.append(fold)
+            predictions += zip(test_idx.tolist(), [k + 1] * len(test), test.labels.tolist(),
+                               probs.tolist(), strict=True)
             print(f"fold {k + 1}/{args.cv}: accuracy {fold['accuracy']:.4f}", flush=True)
         acc = np.array([r["accuracy"] for r in results])
         summary = {"folds": args.cv, "accuracy_mean": float(acc.mean()),
@@ -610,6 +614,9 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                    "settings": {k: v for k, v in vars(args).items()
                                 if isinstance(v, (int, float, str, bool, type(None)))}}
         runs.write_json(run.root / "cv.json", summary)
+        rows = "".join(f"{i},{k},{y},{p:.6f}\n" for i, k, y, p in sorted(predictions))
+        runs.atomic_write_text(run.root / "cv_predictions.csv",
+                               "index,fold,label,probability\n" + rows)
         runs.write_json(run.metrics, {"cv": {k: v for k, v in summary.items()
                                              if k != "per_fold"}})
     print(f"{args.cv}-fold accuracy {acc.mean():.4f} +- {acc.std():.4f}")
