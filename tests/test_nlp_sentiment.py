@@ -230,3 +230,36 @@ def test_init_from_names_a_missing_or_foreign_run(tmp_path, capsys):
     assert main(["sentiment", "train", "--run-dir", str(run), "--init-from", str(textgen)]) == 2
     err = capsys.readouterr().err
     assert "--init-from" in err and "task 'textgen'" in err and not run.exists()
+
+
+def test_ensemble_averages_its_members_and_serves_raw_strings(run_dir, tmp_path, capsys):
+    import tensorflow as tf
+
+    from common.runs import load_keras
+
+    other = tmp_path / "other"  # same data and split, another shape
+    assert main(["sentiment", "train", "--run-dir", str(other), *TINY, "--units", "4"]) == 0
+    ensemble = tmp_path / "ensemble"
+    assert main(["sentiment", "ensemble", "--run-dir", str(ensemble), "--members",
+                 str(run_dir), str(other)]) == 0
+    assert "ensemble of 2 runs" in capsys.readouterr().out
+    texts = ["superb acting and a moving story", "dull, boring and far too long"]
+    alone = [sentiment.predict_texts(load_keras(r / "model.keras", compile=False), texts)
+             for r in (run_dir, other)]
+    mean = sentiment.predict_texts(load_keras(ensemble / "model.keras", compile=False), texts)
+    np.testing.assert_allclose(mean, (alone[0] + alone[1]) / 2, atol=1e-6)
+    serve = tf.saved_model.load(str(ensemble / "saved_model")).signatures["serving_default"]
+    np.testing.assert_allclose(serve(text=tf.constant(texts))["probability"].numpy(), mean,
+                               atol=1e-5)
+    assert main(["sentiment", "evaluate", "--run-dir", str(ensemble), "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["examples"] == 32  # the members' test split
+    # Another --seed is another split: refused, and nothing is written.
+    reseeded = tmp_path / "reseeded"
+    assert main(["sentiment", "train", "--run-dir", str(reseeded), *TINY, "--seed", "7"]) == 0
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(["sentiment", "ensemble", "--run-dir", str(refused), "--members",
+                 str(run_dir), str(reseeded)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in split_seed" in err[0], err
+    assert not refused.exists()

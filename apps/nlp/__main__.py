@@ -73,7 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
          "sentiment": "classify short texts as positive or negative"},
         predict_command={"textgen": "generate", "sentiment": "predict"},
         train_defaults={"textgen": {"epochs": 200, "batch_size": 64, "learning_rate": 3e-3},
-                        "sentiment": {"epochs": 6, "batch_size": 64}})
+                        "sentiment": {"epochs": 6, "batch_size": 64}},
+        extra_commands={"sentiment": {"ensemble": "combine trained runs into one run whose "
+                                                  "probability is the mean of theirs"}})
 
     # -- textgen
     for command in ("train", "evaluate"):
@@ -180,6 +182,12 @@ def make_parser() -> argparse.ArgumentParser:
                        help="K-fold cross-validation instead of one run: trains K models and "
                             "writes per-fold and mean test metrics to RUN/cv.json and every "
                             "example's out-of-fold probability to RUN/cv_predictions.csv")
+    commands["sentiment", "ensemble"].add_argument(
+        "--members", nargs="+", required=True, metavar="RUN",
+        help="two or more trained sentiment run directories (not --cv runs) with the same "
+             "--data, --seed and loader flags, so they share the test split; they may differ "
+             "in anything else (vocabulary, vectors, --init-from, shape); --run-dir is the new "
+             "run, which `evaluate`, `predict` and `export` then treat like any other")
     predict = commands["sentiment", "predict"]
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--file", metavar="PATH",
@@ -335,6 +343,8 @@ def sentiment_handle(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         return sentiment_cv(args) if args.cv else sentiment_train(args)
+    if args.command == "ensemble":
+        return sentiment_ensemble(args)
     run = runs.load_run(args.run_dir, app=APP, task="sentiment")
     settings = run.app_settings()
     if args.command == "evaluate":
@@ -385,14 +395,11 @@ def sentiment_handle(args: argparse.Namespace) -> int:
                 label = "positive" if p >= 0.5 else "negative"
                 print(f"{p:.3f}\t{label}\t{text}")
     elif args.command == "export":
-        import tensorflow as tf
-
         from apps.nlp import sentiment
         from common.export import export_saved_model
 
         out = export_saved_model(sentiment.Serving(run.load_model(compile=False)),
-                                 args.out or run.saved_model,
-                                 tf.constant(["a fine film", "dull and boring"]))
+                                 args.out or run.saved_model, sentiment.serving_sample())
         print(f"exported {out}")
     return 0
 
@@ -545,6 +552,25 @@ def sentiment_train(args: argparse.Namespace) -> int:
     cls = metrics["test_classification"]
     print(f"test: accuracy {cls['accuracy']:.4f}, roc_auc {cls['roc_auc']}, f1 {cls['f1']:.4f} "
           f"({len(test)} examples)")
+    return 0
+
+
+def sentiment_ensemble(args: argparse.Namespace) -> int:
+    from apps.nlp import sentiment
+    from common import ensemble
+    from common.export import export_saved_model
+
+    members = ensemble.load_members(args.members, app=APP, task="sentiment",
+                                    run_dir=args.run_dir)
+    ensemble.check_shared(members, ("split_seed", "loader"),
+                          "members must be trained on the same --data, --seed and loader flags")
+    model = ensemble.average_models([m.load_model(compile=False) for m in members],
+                                    name="sentiment_ensemble")
+    ensemble.write_ensemble_run(
+        args.run_dir, app=APP, task="sentiment", members=members, model=model,
+        settings=members[0].app_settings(),
+        export=lambda model, path: export_saved_model(sentiment.Serving(model), path,
+                                                      sentiment.serving_sample()))
     return 0
 
 

@@ -117,6 +117,11 @@ def predict_texts(model: keras.Model, texts: list[str], batch_size: int = 64) ->
     return model.predict(ds, verbose=0)[:, 0]
 
 
+def serving_sample() -> tf.Tensor:
+    """Two texts to trace the SavedModel's signature with."""
+    return tf.constant(["a fine film", "dull and boring"])
+
+
 class Serving(tf.Module):
     """``serving_default(text: string[batch]) -> {"probability": float[batch]}``."""
 

@@ -522,48 +522,21 @@ def words_export(args: argparse.Namespace) -> int:
 
 
 def words_ensemble(args: argparse.Namespace) -> int:
-    from apps.speech.model import WordServing, build_word_ensemble
-    from common import runs
+    from apps.speech.model import WordServing
+    from common import ensemble
     from common.export import export_saved_model
 
-    if len(args.members) < 2:
-        raise UserError("--members: an ensemble needs at least 2 runs")
-    members = [runs.load_run(path, app=APP, task="words", flag="--members")
-               for path in args.members]
-    if Path(args.run_dir).absolute() in {m.root for m in members}:
-        raise UserError(f"--run-dir {args.run_dir}: is one of the --members; choose a new "
-                        "directory for the ensemble")
-    first, feat_cfg = _saved_settings(members[0])
-    data_source = members[0].read_config().get("data")
-    for member in members[1:]:
-        settings, _ = _saved_settings(member)
-        differs = [key for key in ("labels", "features", "max_frames", "test_speakers")
-                   if settings.get(key) != first.get(key)]
-        if member.read_config().get("data") != data_source:
-            differs.append("data")
-        if differs:
-            raise UserError(f"--members: {member.root} differs from {members[0].root} in "
-                            f"{', '.join(differs)}; members must be trained on the same data, "
-                            "labels and features")
-    model = build_word_ensemble([_load_model(m) for m in members])
-    member_metrics = [runs.read_json(m.metrics) if m.metrics.exists() else {}
-                      for m in members]
-    settings = {**first, "ensemble_members": [str(m.root) for m in members]}
-    with runs.open_run(args.run_dir, app=APP, task="words") as run:
-        runs.atomic_save_model(model, run.model)
-        config = run.read_config()
-        config.update(data=data_source, app_settings=settings,
-                      model={"name": model.name, "parameters": model.count_params()})
-        runs.write_json(run.config, config)
-        export_saved_model(WordServing(model, feat_cfg, first["labels"]), run.saved_model,
-                           _synthetic_waves(feat_cfg.sample_rate))
-        runs.write_json(run.metrics, {
-            "ensemble_of": settings["ensemble_members"],
-            "member_test": [(mm.get("test") or {}) for mm in member_metrics]})
-    alone = ", ".join(f"{(mm.get('test') or {}).get('accuracy', float('nan')):.4f}"
-                      for mm in member_metrics)
-    print(f"ensemble of {len(members)} runs written to {run.root} (members' test accuracy: "
-          f"{alone}); score it with: words evaluate --run-dir {run.root}")
+    members = ensemble.load_members(args.members, app=APP, task="words", run_dir=args.run_dir)
+    ensemble.check_shared(members, ("labels", "features", "max_frames", "test_speakers"),
+                          "members must be trained on the same data, labels and features")
+    settings, feat_cfg = _saved_settings(members[0])
+    model = ensemble.average_models([_load_model(m) for m in members],
+                                    name="speech_words_ensemble")
+    ensemble.write_ensemble_run(
+        args.run_dir, app=APP, task="words", members=members, model=model, settings=settings,
+        export=lambda model, path: export_saved_model(
+            WordServing(model, feat_cfg, settings["labels"]), path,
+            _synthetic_waves(feat_cfg.sample_rate)))
     return 0
 
 

@@ -55,19 +55,6 @@ def build_word_model(frames: int, dim: int, n_classes: int, cfg: ModelConfig) ->
     return keras.Model(inputs, outputs, name="speech_words")
 
 
-def build_word_ensemble(members: Sequence[keras.Model]) -> keras.Model:
-    """One model whose probabilities are the mean of the `members`' probabilities.
-
-    The members are trained `words` models with the same input shape and
-    labels; they are wrapped, not copied, under the names member_0, member_1, ...
-    """
-    inputs = keras.Input(members[0].inputs[0].shape[1:], name="mfcc")
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{k}")(inputs)
-               for k, m in enumerate(members)]
-    average = keras.layers.Average(name="probabilities", dtype="float32")(outputs)
-    return keras.Model(inputs, average, name="speech_words_ensemble")
-
-
 @keras.saving.register_keras_serializable(package="lstm_suite")
 class DropMask(keras.layers.Layer):
     """Identity that ends the Keras mask.
