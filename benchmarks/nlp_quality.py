@@ -133,10 +133,12 @@ def source_run(opts) -> tuple[Path, dict]:
     run = opts.work / f"{opts.init_from}_source"
     args = ["sentiment", "train", "--run-dir", str(run), *SOURCES[opts.init_from]]
     info = {"run": str(run), "command": "python -m apps.nlp " + " ".join(args)}
-    if not (run / "model.keras").exists():
+    metrics_path = run / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if "test_classification" not in metrics:  # not trained, or killed before the end
         info["train_seconds"] = round(run_cli(["sentiment", "train", "--run-dir",
                                                str(fresh(run)), *SOURCES[opts.init_from]]), 1)
-    metrics = json.loads((run / "metrics.json").read_text())
+        metrics = json.loads(metrics_path.read_text())
     info["source_test_accuracy"] = metrics["test_classification"]["accuracy"]
     return run, info
 
@@ -235,6 +237,9 @@ def main() -> int:
                         help="where the run directories go")
     # Any other flag goes to the app's train command, e.g. --units 256.
     opts, opts.extra = parser.parse_known_args()
+    if opts.vectors and opts.init_from:
+        parser.error("--vectors and --init-from exclude each other (the vocabulary and "
+                     "vectors of an --init-from run are its own)")
     if opts.benchmark == "textgen" and opts.minutes is None:
         opts.minutes = 5.0
     opts.work.mkdir(parents=True, exist_ok=True)

@@ -198,11 +198,11 @@ def _backward(d_out, d_h, d_c, saved, h0, c0, r, mask, *, zero_output, return_se
               activation, recurrent_activation, layout):
     """Backpropagation through time for elementwise activations.
 
-    Returns (d_xw (T, B, 4U), h_prev_1 (T*B, U+1), d_h0, d_c0). Everything
+    Returns (d_xw (T, B, 4U), h_prev_ones (T*B, U+1), d_h0, d_c0). Everything
     that does not depend on the recurrence (the gate derivatives) is computed
     for all steps at once before the loop, packed one row per step; the loop
     keeps only the elementwise chain and d_z @ r^T. d_r and d_b are then one
-    matrix product, h_prev_1^T @ d_z (h_prev_1 = [h_{t-1}, 1]), which the
+    matrix product, h_prev_ones^T @ d_z (h_prev_ones = [h_{t-1}, 1]), which the
     caller runs outside this XLA call (see `_fused`).
     """
     steps = tf.shape(saved)[0]
@@ -389,10 +389,10 @@ def _fused(xws, b, r, h0s, c0s, masks, *, zero_output, return_sequences, activat
             # backward calls took 14.3 ms with TensorFlow's default threads and
             # 12.2 ms with one intra-op thread (200 steps x 16 rows x 128 units).
             d_xws = _after_all([g[0] for g in grads])
-            d_rb = tf.add_n([
-                tf.matmul(h_prev_1, tf.reshape(d_xw, [-1, d_xw.shape[-1]]), transpose_a=True)
-                for (_, h_prev_1, *_), d_xw in zip(grads, d_xws, strict=True)])
             units = r.shape[0]
+            d_rb = tf.add_n([
+                tf.matmul(h_prev_ones, tf.reshape(d_xw, [-1, 4 * units]), transpose_a=True)
+                for (_, h_prev_ones, *_), d_xw in zip(grads, d_xws, strict=True)])
             d_r, d_b = d_rb[:units], d_rb[units]
             d_h0s = [g[2] for g in grads]
             d_c0s = [g[3] for g in grads]

@@ -401,9 +401,10 @@ def _check_owner(root: Path, app: str, task: str,
         others = [p.name for p in root.iterdir()
                   if p.name != ".lock" and _TMP_MARK not in p.name]
         if others:
+            advice = "choose a new folder" if flag == "--run-dir" else "pass a run directory"
             raise UserError(
                 f"{flag} {root}: not empty and not a run directory "
-                f"(contains {', '.join(sorted(others)[:3])}); choose a new folder"
+                f"(contains {', '.join(sorted(others)[:3])}); {advice}"
             )
         return None
     config = read_json(config_path)
@@ -454,6 +455,24 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
         yield run
     finally:
         lock.release()
+
+
+def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Refuse to resume a run with model settings other than those it was trained with.
+
+    `settings` are the resolved values of this command (app_settings keys);
+    each must equal what the run's config.json holds, if it holds the key.
+    Checked before anything is written. A run with no config yet passes.
+    """
+    run = RunDir(Path(run_dir).absolute())
+    if not run.config.is_file():
+        return
+    stored = read_json(run.config).get("app_settings") or {}
+    for key, value in settings.items():
+        if key in stored and stored[key] != value:
+            raise UserError(f"--resume: {run.root} was trained with {key} = {stored[key]!r}, "
+                            f"this command gives {value!r}; repeat the run's flags to resume "
+                            "it, or choose another --run-dir")
 
 
 def check_resumable(run: RunDir) -> None:

@@ -178,7 +178,7 @@ def test_pretrained_parts_carry_vocabulary_and_weights_to_a_longer_model():
     np.testing.assert_allclose(source(texts).numpy(), tuned(texts).numpy(), rtol=1e-5)
 
 
-def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path):
+def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path, capsys):
     from common.runs import load_keras
 
     folder = write_polarity(tmp_path / "rt")
@@ -186,9 +186,10 @@ def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path):
     # A vanishing learning rate: one epoch leaves the starting weights in place.
     assert main(["sentiment", "train", "--run-dir", str(run), "--data", str(folder),
                  "--init-from", str(run_dir), "--units", "8", "--max-len", "24", "--epochs", "1",
-                 "--batch-size", "16", "--learning-rate", "1e-9"]) == 0
+                 "--batch-size", "16", "--learning-rate", "1e-9", "--freeze-embeddings"]) == 0
     settings = json.loads((run / "config.json").read_text())["app_settings"]
     assert settings["init_from"] == str(run_dir.absolute())
+    assert settings["freeze_embeddings"] is True
     assert (settings["units"], settings["embedding_dim"], settings["max_len"]) == (8, 8, 24)
     source, tuned = load_keras(run_dir / "model.keras"), load_keras(run / "model.keras")
     assert (tuned.get_layer("vectorizer").get_vocabulary()
@@ -202,6 +203,15 @@ def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path):
     assert main(["sentiment", "train", "--run-dir", str(cv), "--data", str(folder), "--cv", "2",
                  "--init-from", str(run_dir), "--epochs", "1", "--batch-size", "16"]) == 0
     assert json.loads((cv / "cv.json").read_text())["folds"] == 2
+    # A --cv run keeps no model: it cannot be a starting point.
+    capsys.readouterr()
+    assert main(["sentiment", "train", "--run-dir", str(tmp_path / "x"), "--init-from",
+                 str(cv)]) == 2
+    assert "a --cv run keeps no model" in capsys.readouterr().err
+    # --resume keeps the run's starting point: without --init-from it is refused.
+    assert main(["sentiment", "train", "--run-dir", str(run), "--data", str(folder),
+                 "--resume", "--epochs", "2"]) == 2
+    assert "--resume: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, expect", [
@@ -209,6 +219,7 @@ def test_init_from_starts_from_the_earlier_run(run_dir, tmp_path):
     (["--pooling", "max"], "--pooling max: --init-from"),
     (["--max-tokens", "50"], "--max-tokens: the vocabulary and word vectors come from"),
     (["--embeddings", "vectors.txt"], "--embeddings: the vocabulary and word vectors come from"),
+    (["--embeddings-vocabulary", "10"], "--embeddings-vocabulary: the vocabulary and word"),
 ])
 def test_init_from_refuses_another_model_shape(run_dir, tmp_path, capsys, flags, expect):
     run = tmp_path / "tuned"

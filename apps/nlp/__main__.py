@@ -415,10 +415,10 @@ def load_word_vectors(args: argparse.Namespace, texts: list[str]):
     from apps.nlp import embeddings
 
     if args.embeddings is None:
-        for flag, value in (("--freeze-embeddings", args.freeze_embeddings),
-                            ("--embeddings-vocabulary", args.embeddings_vocabulary)):
-            if value:
-                raise UserError(f"{flag} needs --embeddings PATH")
+        if args.embeddings_vocabulary:
+            raise UserError("--embeddings-vocabulary needs --embeddings PATH")
+        if args.freeze_embeddings and args.init_from is None:
+            raise UserError("--freeze-embeddings needs --embeddings PATH or --init-from RUN")
         args.embedding_dim = args.embedding_dim or SENTIMENT_SHAPE["embedding_dim"]
         args.extra_words = ()
         return None
@@ -443,7 +443,8 @@ def resolve_model_shape(args: argparse.Namespace):
     Returns the run to start from (its `RunDir`), or None. Reads only its
     config.json, so a wrong --init-from fails before TensorFlow is imported. A
     shape flag that disagrees with the run, --max-tokens (the vocabulary is the
-    run's) and --embeddings (so are the word vectors) are refused.
+    run's) and --embeddings/--embeddings-vocabulary (so are the word vectors)
+    are refused.
     """
     from common import runs
 
@@ -453,8 +454,15 @@ def resolve_model_shape(args: argparse.Namespace):
                 setattr(args, key, value)  # embedding_dim: see load_word_vectors
         return None
     source = runs.load_run(args.init_from, app=APP, task="sentiment", flag="--init-from")
-    settings = source.app_settings("embedding_dim", "units", "layers", "pooling")
-    for flag, given in (("--max-tokens", args.max_tokens), ("--embeddings", args.embeddings)):
+    args.init_from = str(source.root)  # as recorded in config.json / cv.json
+    if (source.root / "cv.json").exists():
+        raise UserError(f"--init-from {source.root}: a --cv run keeps no model; pass a run "
+                        "trained without --cv")
+    # Runs from before --pooling existed pooled the final states.
+    settings = {"pooling": "last",
+                **source.app_settings("embedding_dim", "units", "layers")}
+    for flag, given in (("--max-tokens", args.max_tokens), ("--embeddings", args.embeddings),
+                        ("--embeddings-vocabulary", args.embeddings_vocabulary or None)):
         if given is not None:
             raise UserError(f"{flag}: the vocabulary and word vectors come from --init-from "
                             f"{source.root}; drop {flag}")
@@ -494,7 +502,7 @@ def _sentiment_config(args, texts, pretrained=None):
         dropout=args.dropout, embedding_dropout=args.embedding_dropout, pooling=args.pooling,
         embeddings=args.embeddings, freeze_embeddings=args.freeze_embeddings,
         embeddings_vocabulary=len(vocabulary) - len(known),
-        init_from=None if args.init_from is None else str(Path(args.init_from).absolute()))
+        init_from=args.init_from)
 
 
 def _build_sentiment_model(config, vectors, pretrained, seed: int):
@@ -521,6 +529,11 @@ def _loader_settings(args) -> dict:
 
 def sentiment_train(args: argparse.Namespace) -> int:
     source = resolve_model_shape(args)
+    if args.resume:
+        from common import runs
+
+        runs.check_resume_settings(args.run_dir, {
+            key: getattr(args, key) for key in ("init_from", "units", "layers", "pooling")})
     train, val, test = load_sentiment_splits(args, args.data, args.seed)
     vectors = load_word_vectors(args, train.texts)
     pretrained = load_pretrained(source)
