@@ -35,11 +35,15 @@ def average_models(members: Sequence[keras.Model], *, name: str) -> keras.Model:
 
 def load_members(paths: Sequence[str | os.PathLike], *, app: str, task: str,
                  run_dir: str | os.PathLike) -> list[runs.RunDir]:
-    """The --members runs: at least two, of `app`/`task`, none of them --run-dir."""
+    """The --members runs: at least two trained runs of `app`/`task`, none of them --run-dir."""
     if len(paths) < 2:
         raise UserError("--members: an ensemble needs at least 2 runs")
     members = [runs.load_run(path, app=app, task=task, flag="--members") for path in paths]
-    if Path(run_dir).absolute() in {m.root for m in members}:
+    for member in members:
+        if not member.model.exists():
+            raise UserError(f"--members {member.root}: holds no model.keras (a --cv run, or "
+                            "one not trained to the end); pass trained runs")
+    if Path(os.path.normpath(Path(run_dir).absolute())) in {m.root for m in members}:
         raise UserError(f"--run-dir {run_dir}: is one of the --members; choose a new "
                         "directory for the ensemble")
     return members

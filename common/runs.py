@@ -457,17 +457,22 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
         lock.release()
 
 
-def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
+def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any], *,
+                          app: str, task: str) -> None:
     """Refuse to resume a run with model settings other than those it was trained with.
 
     `settings` are the resolved values of this command (app_settings keys);
     each must equal what the run's config.json holds, if it holds the key.
-    Checked before anything is written. A run with no config yet passes.
+    Checked before anything is written. A run with no config yet, or another
+    app's or task's (which `open_run` refuses), passes.
     """
     run = RunDir(Path(run_dir).absolute())
     if not run.config.is_file():
         return
-    stored = read_json(run.config).get("app_settings") or {}
+    config = read_json(run.config)
+    if (config.get("app"), config.get("task")) != (app, task):
+        return
+    stored = config.get("app_settings") or {}
     for key, value in settings.items():
         if key in stored and stored[key] != value:
             raise UserError(f"--resume: {run.root} was trained with {key} = {stored[key]!r}, "
@@ -559,7 +564,8 @@ def load_run(run_dir: str | os.PathLike, *, app: str, task: str,
 
     `flag` names the command-line flag that gave `run_dir` in error messages.
     """
-    run = RunDir(Path(run_dir).absolute(), flag)
+    # Normalised ("a/../b" is "b"), so that a path recorded from it compares equal.
+    run = RunDir(Path(os.path.normpath(Path(run_dir).absolute())), flag)
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"{flag} {run.root}: is a file, not a run directory")
     if not run.root.is_dir():

@@ -274,3 +274,15 @@ def test_ensemble_averages_its_members_and_serves_raw_strings(run_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in split_seed" in err[0], err
     assert not refused.exists()
+    # A run without a model (a --cv run) is no member; an ensemble is no --init-from.
+    cv_run = tmp_path / "cv"
+    cv_run.mkdir()
+    (cv_run / "config.json").write_text(json.dumps({"app": "nlp", "task": "sentiment"}))
+    (cv_run / "cv.json").write_text("{}")
+    assert main(["sentiment", "ensemble", "--run-dir", str(refused), "--members",
+                 str(run_dir), str(cv_run)]) == 2
+    assert "holds no model.keras (a --cv run" in capsys.readouterr().err
+    assert main(["sentiment", "train", "--run-dir", str(refused), "--init-from",
+                 str(ensemble)]) == 2
+    assert "an ensemble has no single vocabulary" in capsys.readouterr().err
+    assert not refused.exists()

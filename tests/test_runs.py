@@ -212,3 +212,22 @@ def test_app_settings_of_a_run_that_never_finished_its_set_up(tmp_path):
     assert run.app_settings("data") == {"data": 1}
     with pytest.raises(UserError, match=r"has no app_settings\.features\); train it again"):
         run.app_settings("data", "features")
+
+
+def test_resume_settings_are_checked_against_the_runs_own(tmp_path):
+    from common.runs import check_resume_settings, load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"app": "nlp", "task": "sentiment", "app_settings": {"units": 8, "init_from": None}}))
+    check_resume_settings(run, {"units": 8, "init_from": None, "layers": 2},
+                          app="nlp", task="sentiment")  # layers: not stored, not compared
+    with pytest.raises(UserError, match=r"--resume: .* trained with units = 8, this command "
+                                        r"gives 16"):
+        check_resume_settings(run, {"units": 16}, app="nlp", task="sentiment")
+    # Another task's run is left for open_run to refuse with its own message.
+    check_resume_settings(run, {"units": 16}, app="nlp", task="textgen")
+    check_resume_settings(tmp_path / "new", {"units": 16}, app="nlp", task="sentiment")
+    # A path through ".." names the same run as the direct one.
+    assert load_run(tmp_path / "x" / ".." / "run", app="nlp", task="sentiment").root == run

@@ -458,6 +458,9 @@ def resolve_model_shape(args: argparse.Namespace):
     if (source.root / "cv.json").exists():
         raise UserError(f"--init-from {source.root}: a --cv run keeps no model; pass a run "
                         "trained without --cv")
+    if "ensemble_members" in source.app_settings():
+        raise UserError(f"--init-from {source.root}: an ensemble has no single vocabulary and "
+                        "weights to start from; pass one of its members")
     # Runs from before --pooling existed pooled the final states.
     settings = {"pooling": "last",
                 **source.app_settings("embedding_dim", "units", "layers")}
@@ -529,13 +532,15 @@ def _loader_settings(args) -> dict:
 
 def sentiment_train(args: argparse.Namespace) -> int:
     source = resolve_model_shape(args)
+    train, val, test = load_sentiment_splits(args, args.data, args.seed)
+    vectors = load_word_vectors(args, train.texts)
     if args.resume:
         from common import runs
 
         runs.check_resume_settings(args.run_dir, {
-            key: getattr(args, key) for key in ("init_from", "units", "layers", "pooling")})
-    train, val, test = load_sentiment_splits(args, args.data, args.seed)
-    vectors = load_word_vectors(args, train.texts)
+            key: getattr(args, key)
+            for key in ("init_from", "embedding_dim", "units", "layers", "pooling")},
+            app=APP, task="sentiment")
     pretrained = load_pretrained(source)
 
     import keras
