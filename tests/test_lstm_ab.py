@@ -1,0 +1,46 @@
+"""benchmarks/lstm_ab.py: two versions of the layer, timed side by side."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_ab():
+    spec = importlib.util.spec_from_file_location("lstm_ab_benchmark",
+                                                  ROOT / "benchmarks" / "lstm_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_same_layer_twice_gives_one_row_per_shape_and_mode(tmp_path, capsys):
+    ab = load_ab()
+    out = tmp_path / "ab.json"
+    lstm = ROOT / "common" / "lstm.py"
+    assert ab.main(["--a", str(lstm), "--b", str(lstm), "--shapes", "4x6x3x5,20x4x2x3",
+                    "--iters", "3", "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["mode"]) for r in rows] == [
+        ("4x6x3x5", "train"), ("4x6x3x5", "infer"), ("20x4x2x3", "train"),
+        ("20x4x2x3", "infer")]
+    for r in rows:
+        assert r["n"] == 3 and r["a_ms"] > 0 and r["b_ms"] > 0
+        assert r["b_over_a"] == r["b_ms"] / r["a_ms"]
+        assert r["max_abs_dy"] == 0.0  # same code, same weights, same outputs
+    assert "B/A" in capsys.readouterr().out
+
+
+def test_exactly_one_baseline_is_asked_for(capsys):
+    ab = load_ab()
+    for argv in ([], ["--base", "HEAD", "--a", "x.py"]):
+        try:
+            ab.main(argv)
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        else:
+            raise AssertionError("accepted " + " ".join(argv))
+    assert "exactly one of --base REV and --a FILE" in capsys.readouterr().err
