@@ -34,11 +34,24 @@ LSTM_PATH = "common/lstm.py"
 
 
 def load_version(path: Path, name: str) -> ModuleType:
-    """common/lstm.py (or a copy of another version) as its own module."""
+    """common/lstm.py (or a copy of another version) as its own module.
+
+    Its LSTM class registers itself with Keras as "lstm_suite>LSTM" on import;
+    the registration is undone, so that loading a .keras file in this process
+    still gives `common.lstm.LSTM`.
+    """
+    import keras
+
+    registered = keras.saving.get_custom_objects()
+    before = dict(registered)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        registered.clear()
+        registered.update(before)
     return module
 
 

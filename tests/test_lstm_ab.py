@@ -32,6 +32,12 @@ def test_the_same_layer_twice_gives_one_row_per_shape_and_mode(tmp_path, capsys)
         assert r["b_over_a"] == r["b_ms"] / r["a_ms"]
         assert r["max_abs_dy"] == 0.0  # same code, same weights, same outputs
     assert "B/A" in capsys.readouterr().out
+    # Loading the two copies left Keras's registry alone: .keras files still load
+    # as common.lstm.LSTM (other tests in this process rely on it).
+    import keras
+
+    from common.lstm import LSTM
+    assert keras.saving.get_registered_object("lstm_suite>LSTM") is LSTM
 
 
 def test_exactly_one_baseline_is_asked_for(capsys):
