@@ -43,7 +43,7 @@ def load_members(paths: Sequence[str | os.PathLike], *, app: str, task: str,
         if not member.model.exists():
             raise UserError(f"--members {member.root}: holds no model.keras (a --cv run, or "
                             "one not trained to the end); pass trained runs")
-    if Path(os.path.normpath(Path(run_dir).absolute())) in {m.root for m in members}:
+    if runs.normalised_path(run_dir) in {m.root for m in members}:
         raise UserError(f"--run-dir {run_dir}: is one of the --members; choose a new "
                         "directory for the ensemble")
     return members

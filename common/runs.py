@@ -558,14 +558,19 @@ def lock_for_writing(path: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
+def normalised_path(path: str | os.PathLike) -> Path:
+    """`path` made absolute, with "a/../b" as "b", so that paths recorded from it
+    (config.json's init_from, --members) compare equal however they were typed."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
 def load_run(run_dir: str | os.PathLike, *, app: str, task: str,
              flag: str = "--run-dir") -> RunDir:
     """An existing run of `app`/`task`, for evaluate/predict/export (no lock).
 
     `flag` names the command-line flag that gave `run_dir` in error messages.
     """
-    # Normalised ("a/../b" is "b"), so that a path recorded from it compares equal.
-    run = RunDir(Path(os.path.normpath(Path(run_dir).absolute())), flag)
+    run = RunDir(normalised_path(run_dir), flag)
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"{flag} {run.root}: is a file, not a run directory")
     if not run.root.is_dir():

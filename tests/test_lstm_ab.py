@@ -1,24 +1,12 @@
 """benchmarks/lstm_ab.py: two versions of the layer, timed side by side."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_ab():
-    spec = importlib.util.spec_from_file_location("lstm_ab_benchmark",
-                                                  ROOT / "benchmarks" / "lstm_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import ROOT, load_benchmark
 
 
 def test_the_same_layer_twice_gives_one_row_per_shape_and_mode(tmp_path, capsys):
-    ab = load_ab()
+    ab = load_benchmark("lstm_ab")
     out = tmp_path / "ab.json"
     lstm = ROOT / "common" / "lstm.py"
     assert ab.main(["--a", str(lstm), "--b", str(lstm), "--shapes", "4x6x3x5,20x4x2x3",
@@ -41,7 +29,7 @@ def test_the_same_layer_twice_gives_one_row_per_shape_and_mode(tmp_path, capsys)
 
 
 def test_exactly_one_baseline_is_asked_for(capsys):
-    ab = load_ab()
+    ab = load_benchmark("lstm_ab")
     for argv in ([], ["--base", "HEAD", "--a", "x.py"]):
         try:
             ab.main(argv)

@@ -1,17 +1,6 @@
 """benchmarks/lstm_speed.py: the warning for rows whose timings look bimodal."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lstm_speed.py"
-    spec = importlib.util.spec_from_file_location("lstm_speed_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def row(impl, median, p10, shape="32x200x128x128", mode="train"):
@@ -19,7 +8,7 @@ def row(impl, median, p10, shape="32x200x128x128", mode="train"):
 
 
 def test_bimodal_keras_and_suite_rows_are_named_and_torch_rows_are_not():
-    bench = load_benchmark()
+    bench = load_benchmark("lstm_speed")
     rows = [row("keras", 71.75, 46.1),  # the loaded run that read 2.06x
             row("lstm-suite", 31.1, 29.9),
             row("torch", 50.0, 10.0),  # torch is a reference: its noise decides nothing

@@ -458,12 +458,11 @@ def resolve_model_shape(args: argparse.Namespace):
     if (source.root / "cv.json").exists():
         raise UserError(f"--init-from {source.root}: a --cv run keeps no model; pass a run "
                         "trained without --cv")
-    if "ensemble_members" in source.app_settings():
+    # Runs from before --pooling existed pooled the final states.
+    settings = {"pooling": "last", **source.app_settings("embedding_dim", "units", "layers")}
+    if "ensemble_members" in settings:
         raise UserError(f"--init-from {source.root}: an ensemble has no single vocabulary and "
                         "weights to start from; pass one of its members")
-    # Runs from before --pooling existed pooled the final states.
-    settings = {"pooling": "last",
-                **source.app_settings("embedding_dim", "units", "layers")}
     for flag, given in (("--max-tokens", args.max_tokens), ("--embeddings", args.embeddings),
                         ("--embeddings-vocabulary", args.embeddings_vocabulary or None)):
         if given is not None:
