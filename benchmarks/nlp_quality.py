@@ -25,9 +25,10 @@ on every fold (``--init-from``): supervised transfer from another review corpus,
 so its rows are reported apart from those that learn from rt-polarity alone.
 
 Each polarity variant keeps its run in --work (``polarity``, ``polarity-vectors-imdb``,
-``polarity-init-imdb``; a rerun of a variant replaces it). ``polarity-ensemble``
-averages the out-of-fold probabilities (``cv_predictions.csv``) of such runs,
-which share their folds when they share --seed, and scores the mean per fold.
+``polarity-init-imdb``, with ``-seed-N`` for ``--seed N``; a rerun of a variant
+replaces it). Every variant uses seed 0's folds (``--split-seed 0``), whatever its
+``--seed``. ``polarity-ensemble`` averages the out-of-fold probabilities
+(``cv_predictions.csv``) of such runs and scores the mean per fold.
 
 Targets: textgen <= 1.88 nats/char (5 min) and <= 1.50 (60 min) of validation
 loss on the last 10% of Tiny Shakespeare; IMDB accuracy >= 0.88 on a 10% hold
@@ -145,8 +146,12 @@ def source_run(opts) -> tuple[Path, dict]:
 
 def bench_polarity(opts) -> dict:
     run = fresh(opts.work / ("polarity" + (f"-vectors-{opts.vectors}" if opts.vectors else "")
-                             + (f"-init-{opts.init_from}" if opts.init_from else "")))
+                             + (f"-init-{opts.init_from}" if opts.init_from else "")
+                             + (f"-seed-{opts.seed}" if opts.seed else "")))
     extra, vectors, source = list(opts.extra), None, None
+    if opts.seed:
+        # Seed 0's folds, so that the runs of several seeds can be averaged per example.
+        extra = ["--seed", str(opts.seed), "--split-seed", "0", *extra]
     if opts.vectors:
         path, vectors = build_vectors(opts)
         extra = ["--embeddings", str(path), *extra]
@@ -158,8 +163,8 @@ def bench_polarity(opts) -> dict:
     seconds = run_cli(args)
     cv = json.loads((run / "cv.json").read_text())
     variant = (f" vectors={opts.vectors}" if opts.vectors else "") + (
-        f" init={opts.init_from}" if opts.init_from else "") + "".join(
-        f" {a}" for a in opts.extra)
+        f" init={opts.init_from}" if opts.init_from else "") + (
+        f" seed={opts.seed}" if opts.seed else "") + "".join(f" {a}" for a in opts.extra)
     result = {"name": f"polarity{variant}", "value": cv["accuracy_mean"],
               "std": cv["accuracy_std"], "folds": cv["folds"],
               "per_fold": [f["accuracy"] for f in cv["per_fold"]],
@@ -189,8 +194,8 @@ def bench_polarity_ensemble(opts) -> dict:
     first = {i: (k, y) for i, (k, y, _) in members[0].items()}
     for name, member in zip(names[1:], members[1:], strict=True):
         if {i: (k, y) for i, (k, y, _) in member.items()} != first:
-            raise SystemExit(f"{name}: other folds or labels than {names[0]} (same --seed "
-                             "and --folds needed)")
+            raise SystemExit(f"{name}: other folds or labels than {names[0]} (same --folds "
+                             "and split seed needed)")
     folds: dict[int, list[bool]] = {}
     for i, (k, y) in first.items():
         mean = sum(member[i][2] for member in members) / len(members)
@@ -231,6 +236,9 @@ def main() -> int:
     parser.add_argument("--init-from", choices=sorted(SOURCES), default=None,
                         help="polarity: train (once, cached in --work) a model on this labelled "
                              "corpus and fine-tune it on every fold")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="polarity: the models' seed; the folds stay seed 0's, and a seed "
+                             "other than 0 gets its own run (e.g. polarity-init-imdb-seed-1)")
     parser.add_argument("--members", default="polarity-vectors-imdb,polarity-init-imdb",
                         help="polarity-ensemble: comma-separated polarity runs in --work")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlp_quality"),

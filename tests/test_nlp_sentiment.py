@@ -121,6 +121,15 @@ def test_cross_validation_on_polarity_files(tmp_path):
         mine = [(int(r[2]), float(r[3])) for r in rows if int(r[1]) == k]
         assert len(mine) == fold["examples"]
         assert np.mean([(p >= 0.5) == y for y, p in mine]) == pytest.approx(fold["accuracy"])
+    # Another --seed with the first run's --split-seed: the same folds, other models.
+    reseeded = tmp_path / "reseeded"
+    assert main(["sentiment", "train", "--run-dir", str(reseeded), "--data", str(folder),
+                 "--cv", "2", "--epochs", "1", "--units", "4", "--embedding-dim", "4",
+                 "--max-len", "8", "--batch-size", "16", "--seed", "5", "--split-seed", "0"]) == 0
+    other = [line.split(",") for line in
+             (reseeded / "cv_predictions.csv").read_text().splitlines()[1:]]
+    assert [r[:3] for r in other] == [r[:3] for r in rows]
+    assert [r[3] for r in other] != [r[3] for r in rows]
 
 
 def test_classification_metrics():
@@ -274,6 +283,16 @@ def test_ensemble_averages_its_members_and_serves_raw_strings(run_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in split_seed" in err[0], err
     assert not refused.exists()
+    # --split-seed keeps the split: another seed's model is a member.
+    assert main(["sentiment", "train", "--run-dir", str(reseeded), *TINY, "--seed", "7",
+                 "--split-seed", "0", "--resume"]) == 2
+    assert "split_seed = 7" in capsys.readouterr().err  # and the run is kept as it was
+    same_split = tmp_path / "same_split"
+    assert main(["sentiment", "train", "--run-dir", str(same_split), *TINY, "--seed", "7",
+                 "--split-seed", "0"]) == 0
+    assert main(["sentiment", "ensemble", "--run-dir", str(tmp_path / "seeds"), "--members",
+                 str(run_dir), str(same_split)]) == 0
+    capsys.readouterr()
     # A run without a model (a --cv run) is no member; an ensemble is no --init-from.
     cv_run = tmp_path / "cv"
     cv_run.mkdir()

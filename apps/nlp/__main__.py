@@ -137,6 +137,11 @@ def make_parser() -> argparse.ArgumentParser:
               "labelled data to evaluate on (all of it; same formats as train); default: the "
               "test split of the training data")
     train = commands["sentiment", "train"]
+    train.add_argument("--split-seed", type=int, default=None, metavar="N",
+                       help="seed of the train/validation/test split and of --cv's folds; "
+                            "default: --seed. Runs that differ only in --seed then start "
+                            "from other weights on the same examples (e.g. the members of "
+                            "`sentiment ensemble`, or a seed-to-seed spread)")
     train.add_argument("--max-tokens", type=positive_int, default=None,
                        help="vocabulary size (most frequent words of the training split); "
                             f"default {SENTIMENT_SHAPE['max_tokens']}")
@@ -185,7 +190,8 @@ def make_parser() -> argparse.ArgumentParser:
     commands["sentiment", "ensemble"].add_argument(
         "--members", nargs="+", required=True, metavar="RUN",
         help="two or more trained sentiment run directories (not --cv runs) with the same "
-             "--data, --seed and loader flags, so they share the test split; they may differ "
+             "--data, split seed (--split-seed, or --seed without it) and loader flags, so they "
+             "share the test split; they may differ "
              "in anything else (vocabulary, vectors, --init-from, shape); --run-dir is the new "
              "run, which `evaluate`, `predict` and `export` then treat like any other")
     predict = commands["sentiment", "predict"]
@@ -529,16 +535,22 @@ def _loader_settings(args) -> dict:
             "positive_label": args.positive_label}
 
 
+def _split_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.split_seed is None else args.split_seed
+
+
 def sentiment_train(args: argparse.Namespace) -> int:
     source = resolve_model_shape(args)
-    train, val, test = load_sentiment_splits(args, args.data, args.seed)
+    split_seed = _split_seed(args)
+    train, val, test = load_sentiment_splits(args, args.data, split_seed)
     vectors = load_word_vectors(args, train.texts)
     if args.resume:
         from common import runs
 
         runs.check_resume_settings(args.run_dir, {
-            key: getattr(args, key)
-            for key in ("init_from", "embedding_dim", "units", "layers", "pooling")},
+            "split_seed": split_seed,
+            **{key: getattr(args, key)
+               for key in ("init_from", "embedding_dim", "units", "layers", "pooling")}},
             app=APP, task="sentiment")
     pretrained = load_pretrained(source)
 
@@ -549,7 +561,7 @@ def sentiment_train(args: argparse.Namespace) -> int:
     from common import runs, training
 
     config = _sentiment_config(args, train.texts, pretrained)
-    settings = {**config.to_json(), "data": args.data, "split_seed": args.seed,
+    settings = {**config.to_json(), "data": args.data, "split_seed": split_seed,
                 "loader": _loader_settings(args),
                 "examples": {"train": len(train), "validation": len(val), "test": len(test)}}
     as_xy = lambda part: (sentiment.as_inputs(part.texts), part.labels.astype("float32"))  # noqa
@@ -580,7 +592,8 @@ def sentiment_ensemble(args: argparse.Namespace) -> int:
     members = ensemble.load_members(args.members, app=APP, task="sentiment",
                                     run_dir=args.run_dir)
     ensemble.check_shared(members, ("split_seed", "loader"),
-                          "members must be trained on the same --data, --seed and loader flags")
+                          "members must be trained on the same --data, split seed "
+                          "(--split-seed, or --seed without it) and loader flags")
     model = ensemble.average_models([m.load_model(compile=False) for m in members],
                                     name="sentiment_ensemble")
     ensemble.write_ensemble_run(
@@ -608,7 +621,8 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                                   encoding=args.encoding, positive_label=args.positive_label)
     if len(full) < 2 * args.cv:
         raise UserError(f"--cv {args.cv}: the data has only {len(full)} examples")
-    parts = nlp_data.folds(len(full), args.cv, args.seed)
+    split_seed = _split_seed(args)
+    parts = nlp_data.folds(len(full), args.cv, split_seed)
     # The vectors of every word of the data (each fold keeps those of its vocabulary).
     vectors = load_word_vectors(args, full.texts)
     pretrained = load_pretrained(source)
@@ -626,7 +640,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
         for k, test_idx in enumerate(parts):
             rest = np.setdiff1d(np.arange(len(full)), test_idx)
             # 10% of the training folds pick the best epoch; the test fold stays unseen.
-            rest = np.random.default_rng(args.seed + k).permutation(rest)
+            rest = np.random.default_rng(split_seed + k).permutation(rest)
             cut = max(1, len(rest) // 10)
             train, val, test = full.take(rest[cut:]), full.take(rest[:cut]), full.take(test_idx)
             training.set_seed(args.seed + k)
