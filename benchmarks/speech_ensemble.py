@@ -1,6 +1,7 @@
-"""Would an ensemble of seeds reach the FSDD official-split target? (a benchmark, not a test)
+"""Would an ensemble of seeds reach the FSDD targets? (a benchmark, not a test)
 
     .venv/bin/python benchmarks/speech_ensemble.py --seeds 1,2,3
+    .venv/bin/python benchmarks/speech_ensemble.py digits --seeds 1,2,3
 
 Trains one `words` model per seed on FSDD's official split (indices 0-4 are the
 test clips) through the real command line, with the defaults otherwise. Then it
@@ -10,6 +11,13 @@ the members' probabilities. Last, the app's own `words ensemble` combines the
 runs and `words evaluate --json` scores that run. Prints a table and writes
 benchmarks/results/speech_ensemble.{txt,json}. Target of the official split:
 accuracy >= 0.99 (at most 2 of the 250 test clips wrong).
+
+``digits`` does the same for connected digits: one `digits train` per seed with
+the app's defaults (test speaker: the last alphabetically, yweweler; the same
+generated corpus for every seed), each scored by the app at the end of training,
+then `digits ensemble` (mean per-frame probabilities) and `digits evaluate
+--json`. Writes benchmarks/results/speech_ensemble_digits.{txt,json}. Target:
+WER <= 0.05 on the unseen speaker.
 """
 
 from __future__ import annotations
@@ -30,9 +38,9 @@ from speech_quality import DATA, RESULTS, cli  # noqa: E402  (its sibling script
 OFFICIAL_TEST = re.compile(r"^(\d)_([a-z]+)_([0-4])\.wav$")  # FSDD: indices 0-4 are test
 
 
-def train(run_dir: Path, seed: int, args) -> float:
+def train(run_dir: Path, seed: int, args, task: str = "words") -> float:
     started = time.time()
-    cli("words", "train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed",
+    cli(task, "train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed",
         str(seed), "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
         "--cache-dir", str(args.cache_dir))
     return (time.time() - started) / 60
@@ -51,9 +59,48 @@ def member_probabilities(saved_model: Path, waves: list[np.ndarray]) -> tuple[np
     return np.stack(rows), labels
 
 
+def write(name: str, text: str, report: dict) -> None:
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.txt").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def digits(args, seeds: list[int], stamp: str) -> int:
+    runs = {seed: args.out / f"digits-seed{seed}-{stamp}" for seed in seeds}
+    rows = []
+    for seed, run in runs.items():
+        minutes = round(train(run, seed, args, "digits"), 1)
+        trained = json.loads((run / "metrics.json").read_text())
+        scores = trained["test_transcription"]
+        rows.append({"member": f"seed {seed}", "wer": scores["wer"],
+                     "sequence_accuracy": scores["sequence_accuracy"],
+                     "epochs": trained["epochs_completed"], "minutes": minutes})
+    ensemble = args.out / f"digits-ensemble-{stamp}"
+    cli("digits", "ensemble", "--run-dir", str(ensemble), "--members", *map(str, runs.values()))
+    scored = cli("digits", "evaluate", "--run-dir", str(ensemble), "--cache-dir",
+                 str(args.cache_dir), "--json")
+    rows.append({"member": f"app: digits ensemble of {len(runs)} + evaluate",
+                 "wer": scored["wer"], "sequence_accuracy": scored["sequence_accuracy"],
+                 "wer_greedy": scored["wer_greedy"], "epochs": None, "minutes": None})
+    lines = [f"FSDD connected digits, {scored['utterances']} test utterances of "
+             f"{', '.join(scored['test_speakers'])} (unseen); beam search; target WER <= 0.05",
+             f"{'member':38} {'WER':>7} {'seq acc':>7} {'epochs':>6} {'minutes':>7}"]
+    for r in rows:
+        lines.append(f"{r['member']:38} {r['wer']:7.4f} {r['sequence_accuracy']:7.4f} "
+                     f"{r['epochs'] if r['epochs'] is not None else '':>6} "
+                     f"{r['minutes'] if r['minutes'] is not None else '':>7}")
+    write("speech_ensemble_digits", "\n".join(lines),
+          {"seeds": seeds, "test_speakers": scored["test_speakers"],
+           "utterances": scored["utterances"], "rows": rows})
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", nargs="?", choices=("words", "digits"), default="words",
+                        help="words: the official split (default); digits: connected digits")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     parser.add_argument("--out", type=Path, default=Path("/tmp/speech_ensemble"))
@@ -66,6 +113,8 @@ def main() -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.task == "digits":
+        return digits(args, seeds, stamp)
     runs = {seed: args.out / f"official-seed{seed}-{stamp}" for seed in seeds}
     minutes = {seed: round(train(run, seed, args), 1) for seed, run in runs.items()}
 
@@ -104,12 +153,8 @@ def main() -> int:
         lines.append(f"{r['member']:34} {r['accuracy']:8.4f} {r['wrong']:5d} "
                      f"{r['epochs'] if r['epochs'] is not None else '':>6} "
                      f"{r['minutes'] if r['minutes'] is not None else '':>7}")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speech_ensemble.txt").write_text(text + "\n")
-    (RESULTS / "speech_ensemble.json").write_text(json.dumps(
-        {"seeds": seeds, "test_clips": len(clips), "rows": rows}, indent=2) + "\n")
+    write("speech_ensemble", "\n".join(lines),
+          {"seeds": seeds, "test_clips": len(clips), "rows": rows})
     return 0
 
 

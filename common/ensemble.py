@@ -19,17 +19,40 @@ from common import runs
 from common.errors import UserError
 
 
-def average_models(members: Sequence[keras.Model], *, name: str) -> keras.Model:
+@keras.saving.register_keras_serializable(package="lstm_suite")
+class MeanProbabilityLogits(keras.layers.Layer):
+    """Logits of the mean of several softmax distributions: log(mean_i softmax(x_i)).
+
+    Averaging the members' logits themselves would average their confidence in
+    log space (a geometric mean); this averages what each member predicts, as
+    `keras.layers.Average` does for probabilities, and returns log-probabilities,
+    which a softmax, a loss or a CTC decoder reads as logits.
+    """
+
+    def call(self, inputs):
+        log_probs = keras.ops.stack([keras.ops.log_softmax(x, axis=-1) for x in inputs])
+        return (keras.ops.logsumexp(log_probs, axis=0)
+                - keras.ops.log(keras.ops.cast(len(inputs), log_probs.dtype)))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+def average_models(members: Sequence[keras.Model], *, name: str,
+                   logits: bool = False) -> keras.Model:
     """One model whose output is the mean of the `members`' outputs.
 
     The members take one input of the same shape and dtype and give outputs of
     one shape; they are wrapped, not copied, under the names member_0, member_1, ...
+    With `logits`, the outputs are logits over the last axis (e.g. per-frame CTC
+    logits): the ensemble's are the logits of the members' mean probabilities.
     """
     first = members[0].inputs[0]
     inputs = keras.Input(first.shape[1:], dtype=first.dtype, name=first.name)
     outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{k}")(inputs)
                for k, m in enumerate(members)]
-    average = keras.layers.Average(name="mean", dtype="float32")(outputs)
+    average = (MeanProbabilityLogits(name="mean", dtype="float32") if logits
+               else keras.layers.Average(name="mean", dtype="float32"))(outputs)
     return keras.Model(inputs, average, name=name)
 
 
@@ -68,16 +91,18 @@ def check_shared(members: Sequence[runs.RunDir], keys: Sequence[str], what: str)
 def write_ensemble_run(run_dir: str | os.PathLike, *, app: str, task: str,
                        members: Sequence[runs.RunDir], model: keras.Model,
                        settings: dict[str, Any],
-                       export: Callable[[keras.Model, Path], None]) -> runs.RunDir:
+                       export: Callable[[keras.Model, Path], None],
+                       test_metrics: str = "test", headline: str = "accuracy") -> runs.RunDir:
     """A new run holding the ensemble: model.keras, config.json, metrics.json, saved_model/.
 
     `settings` become the run's app_settings (the first member's, usually),
     plus ``ensemble_members``; `export(model, path)` writes the SavedModel.
-    metrics.json lists the members and their own test metrics.
+    metrics.json lists the members and their own test metrics (the
+    `test_metrics` entry of their metrics.json; `headline` is the one printed).
     """
     names = [str(m.root) for m in members]
-    member_test = [(runs.read_json(m.metrics) if m.metrics.exists() else {}).get("test") or {}
-                   for m in members]
+    member_test = [(runs.read_json(m.metrics) if m.metrics.exists() else {}).get(test_metrics)
+                   or {} for m in members]
     with runs.open_run(run_dir, app=app, task=task) as run:
         runs.atomic_save_model(model, run.model)
         config = run.read_config()
@@ -87,7 +112,7 @@ def write_ensemble_run(run_dir: str | os.PathLike, *, app: str, task: str,
         runs.write_json(run.config, config)
         export(model, run.saved_model)
         runs.write_json(run.metrics, {"ensemble_of": names, "member_test": member_test})
-    alone = ", ".join(f"{t.get('accuracy', float('nan')):.4f}" for t in member_test)
-    print(f"ensemble of {len(members)} runs written to {run.root} (members' test accuracy: "
+    alone = ", ".join(f"{t.get(headline, float('nan')):.4f}" for t in member_test)
+    print(f"ensemble of {len(members)} runs written to {run.root} (members' test {headline}: "
           f"{alone}); score it with: {task} evaluate --run-dir {run.root}")
     return run

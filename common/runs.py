@@ -124,7 +124,7 @@ class RunDir:
 
 
 def load_keras(path: str | os.PathLike, *, compile: bool = True):
-    """A .keras file loaded with safe_mode=True (our LSTM layer registered).
+    """A .keras file loaded with safe_mode=True (our LSTM and ensemble layers registered).
 
     safe_mode makes Keras refuse what could run code while loading: a `Lambda`
     layer (its Python bytecode is stored in the file) and any class that is not
@@ -134,6 +134,7 @@ def load_keras(path: str | os.PathLike, *, compile: bool = True):
     """
     import keras
 
+    import common.ensemble  # noqa: F401  (registers the ensembles' MeanProbabilityLogits)
     import common.lstm  # noqa: F401  (registers lstm_suite>LSTM for deserialization)
 
     path = Path(path)

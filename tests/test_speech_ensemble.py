@@ -1,7 +1,8 @@
-"""words ensemble: trained runs -> one run whose probabilities are the mean of theirs."""
+"""words and digits ensembles: trained runs -> one run that averages their predictions."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,77 @@ def test_members_that_do_not_fit_together_are_refused(members, tmp_path, capsys)
     assert main(["words", "ensemble", "--run-dir", str(runs[0]), "--members",
                  *map(str, runs)]) == 2
     assert "is one of the --members" in capsys.readouterr().err
+
+
+def test_mean_probability_logits_average_what_the_members_predict():
+    from common.ensemble import MeanProbabilityLogits
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(2, 5, 11)).astype("float32") * 4 for _ in range(2))
+    out = np.asarray(MeanProbabilityLogits()([a, b]))
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    np.testing.assert_allclose(np.exp(out), (softmax(a) + softmax(b)) / 2, atol=1e-6)
+    # Logits shifted by a constant are the same distribution: the same mean.
+    np.testing.assert_allclose(np.asarray(MeanProbabilityLogits()([a + 30.0, b])), out,
+                               atol=1e-5)
+
+
+def test_digits_ensemble_decodes_the_members_mean_probabilities(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    from apps.speech.model import decode
+
+    cache = tmp_path / "cache"
+    tiny = ["--cache-dir", str(cache), "--epochs", "1", "--units", "8", "--layers", "1",
+            "--utterances", "16", "--test-utterances", "4", "--max-digits", "2",
+            "--batch-size", "8", "--speed", "none"]
+    runs = [tmp_path / f"seed{seed}" for seed in (1, 2)]
+    for seed, run_dir in zip((1, 2), runs, strict=True):
+        assert main(["digits", "train", "--run-dir", str(run_dir), "--seed", str(seed),
+                     *tiny]) == 0
+    ensemble = tmp_path / "ensemble"
+    assert main(["digits", "ensemble", "--run-dir", str(ensemble), "--beam-width", "2",
+                 "--members", *map(str, runs)]) == 0
+    assert "members' test wer:" in capsys.readouterr().out
+    metrics = json.loads((ensemble / "metrics.json").read_text())
+    assert [m["utterances"] for m in metrics["member_test"]] == [4, 4]
+
+    x = np.random.default_rng(1).normal(size=(2, 32, 39)).astype("float32")
+    alone = [load_keras(r / "model.keras", compile=False)(x) for r in runs]
+    mean = load_keras(ensemble / "model.keras", compile=False)(x)
+    probs = [tf.nn.softmax(a).numpy() for a in alone]
+    np.testing.assert_allclose(tf.nn.softmax(mean).numpy(), (probs[0] + probs[1]) / 2,
+                               atol=1e-5)
+    assert decode(mean, [32, 20]).shape == (2,)
+
+    # evaluate in a fresh process: loading the ensemble registers its layer itself.
+    result = subprocess.run(
+        [sys.executable, "-m", "apps.speech", "digits", "evaluate", "--run-dir", str(ensemble),
+         "--cache-dir", str(cache), "--json"],
+        capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["utterances"] == 4 and scores["wer"] >= 0
+    serve = tf.saved_model.load(str(ensemble / "saved_model")).signatures["serving_default"]
+    wave = load_audio(SAMPLE[0], 8000)
+    assert set(serve(waveform=tf.constant(wave[None]))["digits"].numpy()[0].decode()) <= set(
+        "0123456789")
+
+    # Members with another test corpus are refused, before anything is written.
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    config = json.loads((other / "config.json").read_text())
+    config["app_settings"]["corpus_seed"] = 5
+    (other / "config.json").write_text(json.dumps(config))
+    refused = tmp_path / "refused"
+    assert main(["digits", "ensemble", "--run-dir", str(refused), "--members", str(runs[0]),
+                 str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "in corpus_seed" in err and not refused.exists()

@@ -49,7 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
         train_defaults={"words": {"epochs": 30, "batch_size": 32, "patience": 8},
                         "digits": {"epochs": 40, "batch_size": 32, "patience": 8}},
         extra_commands={"words": {"ensemble": "combine trained runs into one run whose "
-                                              "probabilities are the mean of theirs"}})
+                                              "probabilities are the mean of theirs"},
+                        "digits": {"ensemble": "combine trained runs into one run whose "
+                                               "per-frame probabilities are the mean of "
+                                               "theirs, decoded as one model"}})
     data_help = ("recordings: an FSDD folder ({digit}_{speaker}_{index}.wav), a Speech "
                  "Commands folder (one sub-folder per label), or tfds:speech_commands; "
                  "default: the FSDD sample shipped in apps/speech/samples/fsdd")
@@ -93,7 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="augmentation: random gain, features scaled by 1 +/- this")
     for task, defaults in (("words", WORD_DEFAULTS), ("digits", DIGIT_DEFAULTS)):
         _augment_flags(commands[task, "train"], defaults)
-    for command in ("train", "evaluate", "predict", "export"):
+    for command in ("train", "evaluate", "predict", "export", "ensemble"):
         commands["digits", command].add_argument(
             "--beam-width", type=non_negative_int, default=8,
             help="CTC beam-search width for evaluation/prediction/export; 0 decodes greedily")
@@ -106,6 +109,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="two or more trained `words` run directories with the same data, labels and "
              "features (e.g. the same command with different --seed); --run-dir is the new "
              "run, which `evaluate`, `predict` and `export` then treat like any other")
+    commands["digits", "ensemble"].add_argument(
+        "--members", nargs="+", required=True, metavar="RUN",
+        help="two or more trained `digits` run directories with the same data, features, "
+             "test speakers and test corpus (--corpus-seed, --test-utterances, --max-digits; "
+             "e.g. the same command with different --seed); --run-dir is the new run, which "
+             "`evaluate`, `predict` and `export` then treat like any other")
     return parser
 
 
@@ -776,12 +785,38 @@ def digits_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def digits_ensemble(args: argparse.Namespace) -> int:
+    from apps.speech.model import DigitServing
+    from common import ensemble
+    from common.export import export_saved_model
+
+    members = ensemble.load_members(args.members, app=APP, task="digits", run_dir=args.run_dir)
+    ensemble.check_shared(
+        members, ("features", "test_speakers", "corpus_seed", "test_utterances", "max_digits"),
+        "members must be trained on the same data, features, --test-speakers, --corpus-seed, "
+        "--test-utterances and --max-digits")
+    settings, feat_cfg = _saved_settings(members[0])
+    # CTC models trained apart may place a digit's spike a frame apart; their mean
+    # per-frame probabilities still decode well when they agree on the frames.
+    model = ensemble.average_models([_load_model(m) for m in members],
+                                    name="speech_digits_ensemble", logits=True)
+    ensemble.write_ensemble_run(
+        args.run_dir, app=APP, task="digits", members=members, model=model,
+        settings={**settings, "beam_width": args.beam_width},
+        export=lambda model, path: export_saved_model(
+            DigitServing(model, feat_cfg, args.beam_width), path,
+            _synthetic_waves(feat_cfg.sample_rate)),
+        test_metrics="test_transcription", headline="wer")
+    return 0
+
+
 HANDLERS = {
     ("words", "train"): words_train, ("words", "evaluate"): words_evaluate,
     ("words", "predict"): words_predict, ("words", "export"): words_export,
     ("words", "ensemble"): words_ensemble,
     ("digits", "train"): digits_train, ("digits", "evaluate"): digits_evaluate,
     ("digits", "predict"): digits_predict, ("digits", "export"): digits_export,
+    ("digits", "ensemble"): digits_ensemble,
 }
 
 
