@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -211,6 +212,8 @@ def train(
         monitor = monitor[len("val_"):]
 
     model = _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch)
+    if run.last_checkpoint.exists():  # resuming: checked before config.json is rewritten
+        _check_resumed_model(run, model, settings)
     _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch)
 
     callbacks = make_callbacks(run, monitor=monitor, mode=mode, patience=config.patience,
@@ -284,6 +287,39 @@ def _divergence_message(run: RunDir, guard: StopOnNaN, checkpoint: RunCheckpoint
         kept = "no epoch finished cleanly, so there is no checkpoint"
     return (f"training diverged: {guard.what} at {where}; {kept}. Try a lower --learning-rate, "
             "a smaller --clip-norm, or look for NaN/inf in the data")
+
+
+def _settings_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each (nested) app setting both hold with different values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in new if key in old
+                for change in _settings_changes(old[key], new[key], f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _check_resumed_model(run: RunDir, model: keras.Model, settings) -> None:
+    """Refuse to resume into a model of other weight shapes than the run's checkpoint.
+
+    Keras would fail deep inside the restore with "objects could not be
+    loaded", after config.json had been overwritten; this says which of the
+    app's settings changed instead, before anything is written. Other changed
+    settings (augmentation, say) only get a note: the weights still fit.
+    """
+    stored = (read_json(run.config).get("app_settings") or {}) if run.config.exists() else {}
+    # JSON round trip: tuples become lists, as in the stored config.
+    changes = _settings_changes(stored, json.loads(json.dumps(dict(settings or {}),
+                                                               default=str)))
+    saved = load_keras(run.last_checkpoint, compile=False)
+    shapes = [tuple(w.shape) for w in saved.weights]
+    if shapes == [tuple(w.shape) for w in model.weights]:
+        if changes:
+            print(f"note: resuming {run.root} with other settings: {'; '.join(changes)}",
+                  file=sys.stderr)
+        return
+    why = f"; changed: {'; '.join(changes)}" if changes else ""
+    raise UserError(f"--resume: {run.root} holds a model with other weight shapes than this "
+                    f"command builds{why}. Repeat the run's flags to resume it (they are in "
+                    f"{run.config}), or choose another --run-dir")
 
 
 def _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch) -> None:

@@ -112,6 +112,35 @@ def test_resume_continues_and_extends_a_finished_run(tmp_path):
     assert read_json(run.config)["resumed"] == 1
 
 
+def test_resume_into_another_model_shape_is_refused_and_changes_nothing(tmp_path, capsys):
+    import keras
+
+    from common.errors import UserError
+    from common.lstm import LSTM
+
+    run, _ = run_tiny(tmp_path / "run", settings={"model": {"units": 8}, "noise": 0.1})
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+
+    def wider():
+        inputs = keras.Input((tiny_task.STEPS, tiny_task.FEATURES), name="sequence")
+        outputs = keras.layers.Dense(1, name="mean")(LSTM(16, name="lstm")(inputs))
+        return keras.Model(inputs, outputs, name="tiny")
+
+    train_data, val_data, _ = tiny_task.make_data()
+    with pytest.raises(UserError, match=r"other weight shapes .*changed: model\.units: 8 -> 16"):
+        with open_run(run.root, app=tiny_task.APP, task=tiny_task.TASK, resume=True) as again:
+            train(again, TrainConfig(epochs=3, batch_size=8, seed=3), wider, train_data,
+                  val_data, loss="mse", settings={"model": {"units": 16}, "noise": 0.1})
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
+    # The same shapes with another setting: a note, and the run goes on.
+    _, result = run_tiny(run.root, TrainConfig(epochs=3, batch_size=8, seed=3), resume=True,
+                         settings={"model": {"units": 8}, "noise": 0.2})
+    err = capsys.readouterr().err
+    assert "note: resuming" in err and "noise: 0.1 -> 0.2" in err, err
+    assert len(result.history["loss"]) == 1
+    assert read_json(run.config)["app_settings"]["noise"] == 0.2
+
+
 def test_probe_inputs_add_lstm_inspection_logs(tmp_path):
     train_data, val_data, _ = tiny_task.make_data()
     run, _ = run_tiny(tmp_path / "run", TrainConfig(epochs=1, batch_size=16),
