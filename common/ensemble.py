@@ -77,11 +77,12 @@ def check_shared(members: Sequence[runs.RunDir], keys: Sequence[str], what: str)
 
     `what` ends the message: what the members must share, in the app's words.
     """
-    first, first_data = members[0].app_settings(), members[0].read_config().get("data")
-    for member in members[1:]:
-        settings = member.app_settings()
+    configs = [member.read_config() for member in members]
+    first = configs[0].get("app_settings") or {}
+    for member, config in zip(members[1:], configs[1:], strict=True):
+        settings = config.get("app_settings") or {}
         differs = [key for key in keys if settings.get(key) != first.get(key)]
-        if member.read_config().get("data") != first_data:
+        if config.get("data") != configs[0].get("data"):
             differs.append("data")
         if differs:
             raise UserError(f"--members: {member.root} differs from {members[0].root} in "
