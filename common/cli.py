@@ -175,7 +175,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *,
     parser.add_argument("--max-minutes", type=positive_float, default=d["max_minutes"],
                         help="time budget: stop cleanly after the epoch that would overrun it, "
                              "then save and export as usual; default: no limit")
-    parser.add_argument("--seed", type=int, default=d["seed"],
+    parser.add_argument("--seed", type=non_negative_int, default=d["seed"],
                         help="random seed for weights, shuffling and dropout")
     parser.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"],
                         help="tf.distribute strategy: default (one device), mirrored (all "

@@ -29,6 +29,17 @@ class MeanProbabilityLogits(keras.layers.Layer):
     which a softmax, a loss or a CTC decoder reads as logits.
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, mask=None):
+        # As keras.layers.Average: a step is real where every masked input says so.
+        masks = [m for m in (mask or []) if m is not None]
+        if not masks:
+            return None
+        return keras.ops.all(keras.ops.stack(masks), axis=0)
+
     def call(self, inputs):
         log_probs = keras.ops.stack([keras.ops.log_softmax(x, axis=-1) for x in inputs])
         return (keras.ops.logsumexp(log_probs, axis=0)

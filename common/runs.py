@@ -191,7 +191,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON (numpy scalars become numbers)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -202,8 +202,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
-def _jsonable(value: Any) -> Any:
-    # numpy scalars/arrays and paths show up in metrics and configs.
+def jsonable(value: Any) -> Any:
+    """`json.dumps`'s default: numpy scalars and arrays as lists, paths as strings."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, os.PathLike):

@@ -35,7 +35,15 @@ from common.callbacks import (
     make_callbacks,
 )
 from common.errors import TrainingDiverged, UserError
-from common.runs import RunDir, atomic_save_model, load_keras, read_json, versions, write_json
+from common.runs import (
+    RunDir,
+    atomic_save_model,
+    jsonable,
+    load_keras,
+    read_json,
+    versions,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,9 @@ def train(
     """
     from common.distribute import make_strategy  # imported lazily
 
+    resuming = run.last_checkpoint.exists()
+    if resuming:
+        _check_resume_training(run, config)
     # First: a multi-worker strategy must exist before any other TensorFlow op.
     strategy = make_strategy(config.strategy)
     set_seed(config.seed)
@@ -212,8 +223,8 @@ def train(
         monitor = monitor[len("val_"):]
 
     model = _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch)
-    if run.last_checkpoint.exists():  # resuming: checked before config.json is rewritten
-        _check_resumed_model(run, model, settings)
+    if resuming:  # checked before config.json is rewritten
+        _check_resume_model(run, model, settings)
     _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch)
 
     callbacks = make_callbacks(run, monitor=monitor, mode=mode, patience=config.patience,
@@ -289,37 +300,64 @@ def _divergence_message(run: RunDir, guard: StopOnNaN, checkpoint: RunCheckpoint
             "a smaller --clip-norm, or look for NaN/inf in the data")
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def _settings_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key: old -> new` for each (nested) app setting both hold with different values."""
+    """`key: old -> new` for each (nested) app setting of `new` that `old` differs in."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [change for key in new if key in old
-                for change in _settings_changes(old[key], new[key], f"{prefix}{key}.")]
+        return [change for key in new
+                for change in _settings_changes(old.get(key, ABSENT), new.get(key, ABSENT),
+                                                f"{prefix}{key}.")]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def _check_resumed_model(run: RunDir, model: keras.Model, settings) -> None:
-    """Refuse to resume into a model of other weight shapes than the run's checkpoint.
+# Changing these between a run and its --resume would drop the optimizer's state
+# (Adam's moments, the step count that drives the schedule) with only a warning.
+RESUME_FIXED_TRAINING = ("mixed_precision", "lr_schedule")
+
+
+def _check_resume_training(run: RunDir, config: TrainConfig) -> None:
+    """Refuse a --resume that changes a `RESUME_FIXED_TRAINING` flag, before anything is built."""
+    trained = (read_json(run.config).get("training") or {}) if run.config.exists() else {}
+    for name in RESUME_FIXED_TRAINING:
+        if name in trained and trained[name] != getattr(config, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {run.root} was trained with {flag} {trained[name]}, "
+                            f"this command gives {getattr(config, name)} (the optimizer's "
+                            f"state would not carry over); repeat {flag} {trained[name]} to "
+                            "resume it, or choose another --run-dir")
+
+
+def _check_resume_model(run: RunDir, model: keras.Model, settings) -> None:
+    """Refuse a --resume into a model of other weight shapes than the run's last checkpoint.
 
     Keras would fail deep inside the restore with "objects could not be
-    loaded", after config.json had been overwritten; this says which of the
-    app's settings changed instead, before anything is written. Other changed
-    settings (augmentation, say) only get a note: the weights still fit.
+    loaded", after config.json had been overwritten; this names the app
+    settings that changed instead, before anything is written.
     """
-    stored = (read_json(run.config).get("app_settings") or {}) if run.config.exists() else {}
-    # JSON round trip: tuples become lists, as in the stored config.
-    changes = _settings_changes(stored, json.loads(json.dumps(dict(settings or {}),
-                                                               default=str)))
-    saved = load_keras(run.last_checkpoint, compile=False)
-    shapes = [tuple(w.shape) for w in saved.weights]
-    if shapes == [tuple(w.shape) for w in model.weights]:
-        if changes:
-            print(f"note: resuming {run.root} with other settings: {'; '.join(changes)}",
-                  file=sys.stderr)
+    try:
+        saved = load_keras(run.last_checkpoint, compile=False)
+    except UserError:
+        return  # the restore reads the backup's weights, not this file: let it try
+    if [tuple(w.shape) for w in saved.weights] == [tuple(w.shape) for w in model.weights]:
         return
-    why = f"; changed: {'; '.join(changes)}" if changes else ""
+    recorded = (read_json(run.config).get("app_settings") if run.config.exists() else None)
+    why = "."
+    if isinstance(recorded, dict):
+        # JSON round trip: tuples become lists, as in the stored config.
+        new = json.loads(json.dumps(dict(settings or {}), default=jsonable))
+        changes = _settings_changes(recorded, new)
+        why = (f"; changed: {'; '.join(changes)}." if changes else ".") + (
+            f" The run's settings are in {run.config}.")
     raise UserError(f"--resume: {run.root} holds a model with other weight shapes than this "
-                    f"command builds{why}. Repeat the run's flags to resume it (they are in "
-                    f"{run.config}), or choose another --run-dir")
+                    f"command builds{why} Repeat the run's flags to resume it, or choose "
+                    "another --run-dir")
 
 
 def _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch) -> None:

@@ -61,6 +61,9 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--epochs: must be a positive integer" in err
+    with pytest.raises(SystemExit):  # numpy's generators take no negative seed
+        parser.parse_args(["cls", "train", "--run-dir", "r", "--seed", "-1"])
+    assert "--seed: must be >= 0, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("exc, code, text", [

@@ -129,6 +129,7 @@ def test_cross_validation_on_polarity_files(tmp_path):
     other = [line.split(",") for line in
              (reseeded / "cv_predictions.csv").read_text().splitlines()[1:]]
     assert [r[:3] for r in other] == [r[:3] for r in rows]
+    assert json.loads((reseeded / "cv.json").read_text())["split_seed"] == 0
     assert [r[3] for r in other] != [r[3] for r in rows]
 
 

@@ -107,6 +107,11 @@ def test_mean_probability_logits_average_what_the_members_predict():
     # Logits shifted by a constant are the same distribution: the same mean.
     np.testing.assert_allclose(np.asarray(MeanProbabilityLogits()([a + 30.0, b])), out,
                                atol=1e-5)
+    # Masks pass through as keras.layers.Average's do: real where every input is.
+    masks = [np.array([[1, 1, 1, 0, 0]] * 2, bool), np.array([[1, 1, 0, 0, 0]] * 2, bool)]
+    merged = MeanProbabilityLogits().compute_mask([a, b], masks)
+    assert np.asarray(merged).tolist() == [[True, True, False, False, False]] * 2
+    assert MeanProbabilityLogits().compute_mask([a, b], None) is None
 
 
 def test_digits_ensemble_decodes_the_members_mean_probabilities(tmp_path, capsys):

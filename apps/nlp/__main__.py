@@ -137,7 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
               "labelled data to evaluate on (all of it; same formats as train); default: the "
               "test split of the training data")
     train = commands["sentiment", "train"]
-    train.add_argument("--split-seed", type=int, default=None, metavar="N",
+    train.add_argument("--split-seed", type=non_negative_int, default=None, metavar="N",
                        help="seed of the train/validation/test split and of --cv's folds; "
                             "default: --seed. Runs that differ only in --seed then start "
                             "from other weights on the same examples (e.g. the members of "
@@ -665,7 +665,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                                probs.tolist(), strict=True)
             print(f"fold {k + 1}/{args.cv}: accuracy {fold['accuracy']:.4f}", flush=True)
         acc = np.array([r["accuracy"] for r in results])
-        summary = {"folds": args.cv, "accuracy_mean": float(acc.mean()),
+        summary = {"folds": args.cv, "split_seed": split_seed, "accuracy_mean": float(acc.mean()),
                    "accuracy_std": float(acc.std()), "per_fold": results,
                    "data": args.data or str(nlp_data.SENTIMENT_SAMPLE),
                    "settings": {k: v for k, v in vars(args).items()
