@@ -59,6 +59,12 @@ def member_probabilities(saved_model: Path, waves: list[np.ndarray]) -> tuple[np
     return np.stack(rows), labels
 
 
+def training_columns(row: dict) -> str:
+    """A row's epochs and minutes, blank for the ensembles (they are not trained)."""
+    return (f"{row['epochs'] if row['epochs'] is not None else '':>6} "
+            f"{row['minutes'] if row['minutes'] is not None else '':>7}")
+
+
 def write(name: str, text: str, report: dict) -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -88,8 +94,7 @@ def digits(args, seeds: list[int], stamp: str) -> int:
              f"{'member':38} {'WER':>7} {'seq acc':>7} {'epochs':>6} {'minutes':>7}"]
     for r in rows:
         lines.append(f"{r['member']:38} {r['wer']:7.4f} {r['sequence_accuracy']:7.4f} "
-                     f"{r['epochs'] if r['epochs'] is not None else '':>6} "
-                     f"{r['minutes'] if r['minutes'] is not None else '':>7}")
+                     f"{training_columns(r)}")
     write("speech_ensemble_digits", "\n".join(lines),
           {"seeds": seeds, "test_speakers": scored["test_speakers"],
            "utterances": scored["utterances"], "rows": rows})
@@ -151,8 +156,7 @@ def main() -> int:
              f"{'member':34} {'accuracy':>8} {'wrong':>5} {'epochs':>6} {'minutes':>7}"]
     for r in rows:
         lines.append(f"{r['member']:34} {r['accuracy']:8.4f} {r['wrong']:5d} "
-                     f"{r['epochs'] if r['epochs'] is not None else '':>6} "
-                     f"{r['minutes'] if r['minutes'] is not None else '':>7}")
+                     f"{training_columns(r)}")
     write("speech_ensemble", "\n".join(lines),
           {"seeds": seeds, "test_clips": len(clips), "rows": rows})
     return 0
