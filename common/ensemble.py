@@ -19,52 +19,46 @@ from common import runs
 from common.errors import UserError
 
 
-@keras.saving.register_keras_serializable(package="lstm_suite")
-class MeanProbabilityLogits(keras.layers.Layer):
-    """Logits of the mean of several softmax distributions: log(mean_i softmax(x_i)).
-
-    Averaging the members' logits themselves would average their confidence in
-    log space (a geometric mean); this averages what each member predicts, as
-    `keras.layers.Average` does for probabilities, and returns log-probabilities,
-    which a softmax, a loss or a CTC decoder reads as logits.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.supports_masking = True
-
-    def compute_mask(self, inputs, mask=None):
-        # As keras.layers.Average: a step is real where every masked input says so.
-        masks = [m for m in (mask or []) if m is not None]
-        if not masks:
-            return None
-        return keras.ops.all(keras.ops.stack(masks), axis=0)
-
-    def call(self, inputs):
-        log_probs = keras.ops.stack([keras.ops.log_softmax(x, axis=-1) for x in inputs])
-        return (keras.ops.logsumexp(log_probs, axis=0)
-                - keras.ops.log(keras.ops.cast(len(inputs), log_probs.dtype)))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape[0]
+def _wrapped(members: Sequence[keras.Model]):
+    """A new input like the first member's, and each member's output on it."""
+    first = members[0].inputs[0]
+    inputs = keras.Input(first.shape[1:], dtype=first.dtype, name=first.name)
+    return inputs, [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{k}")(inputs)
+                    for k, m in enumerate(members)]
 
 
-def average_models(members: Sequence[keras.Model], *, name: str,
-                   logits: bool = False) -> keras.Model:
+def average_models(members: Sequence[keras.Model], *, name: str) -> keras.Model:
     """One model whose output is the mean of the `members`' outputs.
 
     The members take one input of the same shape and dtype and give outputs of
     one shape; they are wrapped, not copied, under the names member_0, member_1, ...
-    With `logits`, the outputs are logits over the last axis (e.g. per-frame CTC
-    logits): the ensemble's are the logits of the members' mean probabilities.
     """
-    first = members[0].inputs[0]
-    inputs = keras.Input(first.shape[1:], dtype=first.dtype, name=first.name)
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{k}")(inputs)
-               for k, m in enumerate(members)]
-    average = (MeanProbabilityLogits(name="mean", dtype="float32") if logits
-               else keras.layers.Average(name="mean", dtype="float32"))(outputs)
+    inputs, outputs = _wrapped(members)
+    average = keras.layers.Average(name="mean", dtype="float32")(outputs)
     return keras.Model(inputs, average, name=name)
+
+
+@keras.saving.register_keras_serializable(package="lstm_suite")
+class StackMembers(keras.layers.Layer):
+    """The members' outputs side by side: a list of (batch, ...) -> (batch, members, ...)."""
+
+    def call(self, inputs):
+        return keras.ops.stack(inputs, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], len(input_shape), *input_shape[0][1:])
+
+
+def stack_models(members: Sequence[keras.Model], *, name: str) -> keras.Model:
+    """One model whose output holds every member's output: (batch, members, ...).
+
+    For outputs that cannot be averaged position by position, e.g. CTC logits
+    of models trained apart, whose peaks for one symbol fall on different
+    frames: the caller combines the members' decodings instead.
+    """
+    inputs, outputs = _wrapped(members)
+    return keras.Model(inputs, StackMembers(name="members", dtype="float32")(outputs),
+                       name=name)
 
 
 def load_members(paths: Sequence[str | os.PathLike], *, app: str, task: str,

@@ -134,7 +134,7 @@ def load_keras(path: str | os.PathLike, *, compile: bool = True):
     """
     import keras
 
-    import common.ensemble  # noqa: F401  (registers the ensembles' MeanProbabilityLogits)
+    import common.ensemble  # noqa: F401  (registers the ensembles' StackMembers)
     import common.lstm  # noqa: F401  (registers lstm_suite>LSTM for deserialization)
 
     path = Path(path)

@@ -92,35 +92,46 @@ def test_members_that_do_not_fit_together_are_refused(members, tmp_path, capsys)
     assert "is one of the --members" in capsys.readouterr().err
 
 
-def test_mean_probability_logits_average_what_the_members_predict():
-    from common.ensemble import MeanProbabilityLogits
+def spikes(path, frames=12):
+    """CTC logits that emit digit d at frame t for each (t, d), blank elsewhere."""
+    from apps.speech.model import BLANK
 
-    rng = np.random.default_rng(0)
-    a, b = (rng.normal(size=(2, 5, 11)).astype("float32") * 4 for _ in range(2))
-    out = np.asarray(MeanProbabilityLogits()([a, b]))
-
-    def softmax(x):
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    np.testing.assert_allclose(np.exp(out), (softmax(a) + softmax(b)) / 2, atol=1e-6)
-    # Logits shifted by a constant are the same distribution: the same mean.
-    np.testing.assert_allclose(np.asarray(MeanProbabilityLogits()([a + 30.0, b])), out,
-                               atol=1e-5)
-    # Masks pass through as keras.layers.Average's do: real where every input is.
-    masks = [np.array([[1, 1, 1, 0, 0]] * 2, bool), np.array([[1, 1, 0, 0, 0]] * 2, bool)]
-    merged = MeanProbabilityLogits().compute_mask([a, b], masks)
-    assert np.asarray(merged).tolist() == [[True, True, False, False, False]] * 2
-    assert MeanProbabilityLogits().compute_mask([a, b], None) is None
+    logits = np.full((frames, BLANK + 1), -4.0, np.float32)
+    logits[:, BLANK] = 4.0
+    for t, digit in path:
+        logits[t, BLANK], logits[t, digit] = -4.0, 4.0
+    return logits
 
 
-def test_digits_ensemble_decodes_the_members_mean_probabilities(tmp_path, capsys):
+def test_ensemble_decoding_combines_strings_not_frames():
+    import tensorflow as tf
+
+    from apps.speech.model import decode
+
+    # Three members hear "12", "12" and "13", each with its peaks on other frames.
+    members = [spikes([(1, 1), (5, 2)]), spikes([(3, 1), (8, 2)]), spikes([(2, 1), (9, 3)])]
+    mean = np.mean([tf.nn.softmax(m).numpy() for m in members], axis=0)
+    # Averaging frame by frame loses every digit (blank wins each frame 2 to 1) ...
+    assert decode(tf.constant(np.log(mean))[None], [12]).numpy()[0] == b""
+    # ... the sequence-level ensemble keeps the majority's string, greedy or beam.
+    stacked = tf.constant(np.stack(members)[None])  # (batch, members, frames, 11)
+    for width in (0, 8):
+        assert decode(stacked, [12], beam_width=width).numpy().tolist() == [b"12"]
+    # Batches with other lengths, inside a tf.function (as in the SavedModel).
+    batch = tf.concat([stacked, stacked[:, :, ::-1]], axis=0)
+    graph = tf.function(lambda x, n: decode(x, n, beam_width=4),
+                        input_signature=[tf.TensorSpec([None, 3, None, 11]),
+                                         tf.TensorSpec([None], tf.int32)])
+    assert graph(batch, tf.constant([12, 10])).numpy().tolist() == [b"12", b"21"]
+    silent = tf.constant(np.stack([spikes([])] * 2)[None])
+    assert decode(silent, [12], beam_width=4).numpy().tolist() == [b""]
+
+
+def test_digits_ensemble_transcribes_with_all_its_members(tmp_path, capsys):
     import subprocess
     import sys
 
     import tensorflow as tf
-
-    from apps.speech.model import decode
 
     cache = tmp_path / "cache"
     tiny = ["--cache-dir", str(cache), "--epochs", "1", "--units", "8", "--layers", "1",
@@ -136,14 +147,13 @@ def test_digits_ensemble_decodes_the_members_mean_probabilities(tmp_path, capsys
     assert "members' test wer:" in capsys.readouterr().out
     metrics = json.loads((ensemble / "metrics.json").read_text())
     assert [m["utterances"] for m in metrics["member_test"]] == [4, 4]
+    settings = json.loads((ensemble / "config.json").read_text())["app_settings"]
+    assert settings["beam_width"] == 2
 
     x = np.random.default_rng(1).normal(size=(2, 32, 39)).astype("float32")
-    alone = [load_keras(r / "model.keras", compile=False)(x) for r in runs]
-    mean = load_keras(ensemble / "model.keras", compile=False)(x)
-    probs = [tf.nn.softmax(a).numpy() for a in alone]
-    np.testing.assert_allclose(tf.nn.softmax(mean).numpy(), (probs[0] + probs[1]) / 2,
-                               atol=1e-5)
-    assert decode(mean, [32, 20]).shape == (2,)
+    alone = [load_keras(r / "model.keras", compile=False)(x).numpy() for r in runs]
+    both = load_keras(ensemble / "model.keras", compile=False)(x).numpy()
+    np.testing.assert_allclose(both, np.stack(alone, axis=1), atol=1e-6)
 
     # evaluate in a fresh process: loading the ensemble registers its layer itself.
     result = subprocess.run(

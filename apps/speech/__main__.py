@@ -50,9 +50,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "digits": {"epochs": 40, "batch_size": 32, "patience": 8}},
         extra_commands={"words": {"ensemble": "combine trained runs into one run whose "
                                               "probabilities are the mean of theirs"},
-                        "digits": {"ensemble": "combine trained runs into one run whose "
-                                               "per-frame probabilities are the mean of "
-                                               "theirs, decoded as one model"}})
+                        "digits": {"ensemble": "combine trained runs into one run that "
+                                               "transcribes with the string their mean CTC "
+                                               "probability prefers"}})
     data_help = ("recordings: an FSDD folder ({digit}_{speaker}_{index}.wav), a Speech "
                  "Commands folder (one sub-folder per label), or tfds:speech_commands; "
                  "default: the FSDD sample shipped in apps/speech/samples/fsdd")
@@ -796,10 +796,9 @@ def digits_ensemble(args: argparse.Namespace) -> int:
         "members must be trained on the same data, features, --test-speakers, --corpus-seed, "
         "--test-utterances and --max-digits")
     settings, feat_cfg = _saved_settings(members[0])
-    # CTC models trained apart may place a digit's spike a frame apart; their mean
-    # per-frame probabilities still decode well when they agree on the frames.
-    model = ensemble.average_models([_load_model(m) for m in members],
-                                    name="speech_digits_ensemble", logits=True)
+    # The members' logits side by side: `model.decode` combines their decodings.
+    model = ensemble.stack_models([_load_model(m) for m in members],
+                                  name="speech_digits_ensemble")
     ensemble.write_ensemble_run(
         args.run_dir, app=APP, task="digits", members=members, model=model,
         settings={**settings, "beam_width": args.beam_width},

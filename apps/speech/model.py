@@ -106,20 +106,70 @@ def decode(logits, lengths, *, beam_width: int = 0):
     """Digit strings (tf.string, (batch,)) from logits (batch, frames, 11).
 
     beam_width 0 decodes greedily; otherwise `tf.nn.ctc_beam_search_decoder`.
+    Logits of an ensemble, (batch, members, frames, 11), go to `decode_ensemble`.
     """
+    if logits.shape.rank == 4:
+        return decode_ensemble(logits, lengths, beam_width=beam_width)
+    return _strings(_decoded(logits, lengths, beam_width, 1)[0], tf.shape(logits)[0])
+
+
+def _decoded(logits, lengths, beam_width: int, top_paths: int) -> list[tf.SparseTensor]:
+    """The `top_paths` best label sequences of each row, as tf.nn.ctc_*_decoder give them."""
     time_major = tf.transpose(tf.cast(logits, tf.float32), [1, 0, 2])
     lengths = tf.cast(lengths, tf.int32)
     if beam_width > 0:
-        decoded, _ = tf.nn.ctc_beam_search_decoder(time_major, lengths, beam_width=beam_width,
-                                                   top_paths=1)
-    else:
-        decoded, _ = tf.nn.ctc_greedy_decoder(time_major, lengths)
-    sparse = tf.SparseTensor(decoded[0].indices, decoded[0].values,
-                             [tf.shape(logits, out_type=tf.int64)[0],
-                              tf.maximum(decoded[0].dense_shape[1], 1)])
-    ragged = tf.RaggedTensor.from_sparse(sparse)
-    chars = tf.gather(tf.constant(list(DIGITS)), ragged)
-    return tf.strings.reduce_join(chars, axis=-1)
+        decoded, _ = tf.nn.ctc_beam_search_decoder(time_major, lengths,
+                                                   beam_width=max(beam_width, top_paths),
+                                                   top_paths=top_paths)
+        return decoded
+    return tf.nn.ctc_greedy_decoder(time_major, lengths)[0]
+
+
+def _strings(labels: tf.SparseTensor, batch) -> tf.Tensor:
+    sparse = tf.SparseTensor(labels.indices, labels.values,
+                             [tf.cast(batch, tf.int64), tf.maximum(labels.dense_shape[1], 1)])
+    return _join(tf.RaggedTensor.from_sparse(sparse))
+
+
+def decode_ensemble(logits, lengths, *, beam_width: int = 0, top_paths: int = 4):
+    """Digit strings of several CTC models at once: logits (batch, members, frames, 11).
+
+    Models trained apart emit a digit's peak on different frames (several
+    frames apart on FSDD), so their per-frame probabilities cannot be averaged.
+    Instead, each member proposes its `top_paths` best strings (its greedy one
+    with beam_width 0), every member scores every proposal by its CTC
+    probability over all alignments, and the string with the highest mean
+    probability wins.
+    """
+    logits = tf.cast(logits, tf.float32)
+    members = logits.shape[1]
+    batch = tf.shape(logits)[0]
+    lengths = tf.cast(lengths, tf.int32)
+    proposals = [tf.sparse.to_dense(path, default_value=-1)
+                 for m in range(members)
+                 for path in _decoded(logits[:, m], lengths, beam_width,
+                                      top_paths if beam_width > 0 else 1)]
+    n = len(proposals)
+    width = tf.reduce_max([tf.shape(p)[1] for p in proposals])
+    proposals = tf.stack([tf.pad(p, [[0, 0], [0, width - tf.shape(p)[1]]], constant_values=-1)
+                          for p in proposals], axis=1)  # (batch, n, width)
+    flat = tf.reshape(proposals, [-1, width])
+    label_length = tf.reduce_sum(tf.cast(flat >= 0, tf.int32), axis=1)
+    log_p = []
+    for m in range(members):
+        frames = tf.repeat(logits[:, m], n, axis=0)  # each row once per proposal
+        loss = tf.nn.ctc_loss(labels=tf.maximum(flat, 0), logits=frames,
+                              label_length=label_length, logit_length=tf.repeat(lengths, n),
+                              logits_time_major=False, blank_index=BLANK)
+        log_p.append(-tf.reshape(loss, [batch, n]))
+    score = tf.reduce_logsumexp(tf.stack(log_p), axis=0)  # log of the sum = mean x members
+    best = tf.gather(proposals, tf.argmax(score, axis=1, output_type=tf.int32), batch_dims=1)
+    return _join(tf.RaggedTensor.from_tensor(best, padding=-1))
+
+
+def _join(labels: tf.RaggedTensor) -> tf.Tensor:
+    """One string per row of digit labels."""
+    return tf.strings.reduce_join(tf.gather(tf.constant(list(DIGITS)), labels), axis=-1)
 
 
 def edit_distance(a: str, b: str) -> int:
