@@ -165,14 +165,22 @@ def test_tfds_imdb_reviews(tmp_path):
 
 
 def test_max_pooling_ignores_padding():
-    # --pooling max: the same texts padded to 6 or 12 words give the same output.
+    # --pooling max: the same texts padded to 6 or 12 words give the same output,
+    # also a 6-word text that fills max_len 6 exactly (no padding there).
     kwargs = {"vocabulary": ("a", "b", "c"), "embedding_dim": 4, "units": 3, "pooling": "max"}
     short = sentiment.build_model(sentiment.SentimentConfig(max_len=6, **kwargs))
     long = sentiment.build_model(sentiment.SentimentConfig(max_len=12, **kwargs))
     long.set_weights(short.get_weights())
-    texts = sentiment.as_inputs(["a b", "c a b c c"])
+    texts = sentiment.as_inputs(["a b", "c a b c c", "a b c a b c"])
     np.testing.assert_allclose(short(texts).numpy(), long(texts).numpy(), rtol=1e-5)
-    assert short.get_layer("max_over_time") is not None
+    assert isinstance(short.get_layer("max_over_time"), sentiment.MaskedMaxOverTime)
+    # The layer itself: padding (zeros, as Bidirectional emits there) never wins,
+    # and a text without a real step pools to zeros instead of -inf.
+    states = np.array([[[-2.0, 1.0], [-3.0, 4.0], [0.0, 0.0]],
+                       [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]], np.float32)
+    mask = np.array([[True, True, False], [False, False, False]])
+    pooled = sentiment.MaskedMaxOverTime()(states, mask=mask)
+    assert np.asarray(pooled).tolist() == [[-2.0, 4.0], [0.0, 0.0]]
 
 
 def test_pretrained_parts_carry_vocabulary_and_weights_to_a_longer_model():

@@ -51,6 +51,34 @@ def adapt_vocabulary(texts: list[str], max_tokens: int) -> tuple[str, ...]:
     return tuple(str(w) for w in vectorizer.get_vocabulary()[2:])
 
 
+@keras.saving.register_keras_serializable(package="lstm_suite")
+class MaskedMaxOverTime(keras.layers.Layer):
+    """Max over the real (unmasked) steps of (batch, steps, features) -> (batch, features).
+
+    `keras.layers.GlobalMaxPooling1D` ignores the mask, and `Bidirectional`
+    returns zeros at padded steps, so a padded text would pool max(its states,
+    0): one text read differently depending on how much padding it got. Here
+    padding never wins; a text with no real step (empty) pools to zeros.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        if mask is None:
+            return keras.ops.max(inputs, axis=1)
+        real = keras.ops.expand_dims(keras.ops.cast(mask, "bool"), -1)
+        pooled = keras.ops.max(keras.ops.where(real, inputs, float("-inf")), axis=1)
+        return keras.ops.where(keras.ops.any(real, axis=1), pooled, 0.0)
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
 def build_model(config: SentimentConfig,
                 embedding_matrix: np.ndarray | None = None) -> keras.Model:
     """(batch,) strings -> (batch, 1) probability of the positive class.
@@ -77,8 +105,7 @@ def build_model(config: SentimentConfig,
                                        name=f"bilstm_{i}")(x)
         if last and config.pooling == "max":
             # Max over time of every state: a word anywhere in the text can decide.
-            # Masked (padding) steps repeat the last real state, so they change nothing.
-            x = keras.layers.GlobalMaxPooling1D(name="max_over_time")(x)
+            x = MaskedMaxOverTime(name="max_over_time")(x)
         if config.dropout > 0:
             x = keras.layers.Dropout(config.dropout, name=f"dropout_{i}")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="positive", dtype="float32")(x)
