@@ -123,8 +123,29 @@ def test_ensemble_decoding_combines_strings_not_frames():
                         input_signature=[tf.TensorSpec([None, 3, None, 11]),
                                          tf.TensorSpec([None], tf.int32)])
     assert graph(batch, tf.constant([12, 10])).numpy().tolist() == [b"12", b"21"]
+    # A repeated digit needs the blank between its peaks; silence is "", even
+    # for a row of no frames at all.
+    twice = tf.constant(np.stack([spikes([(1, 1), (3, 1)])] * 2)[None])
     silent = tf.constant(np.stack([spikes([])] * 2)[None])
-    assert decode(silent, [12], beam_width=4).numpy().tolist() == [b""]
+    for width in (0, 4):
+        assert decode(twice, [12], beam_width=width).numpy().tolist() == [b"11"]
+        assert decode(silent, [12], beam_width=width).numpy().tolist() == [b""]
+        assert decode(silent, [0], beam_width=width).numpy().tolist() == [b""]
+
+
+def test_ensemble_scores_are_ctc_log_probabilities():
+    import tensorflow as tf
+
+    from apps.speech.model import BLANK, _log_probability
+
+    logits = np.random.default_rng(0).normal(size=(3, 12, BLANK + 1)).astype("float32") * 3
+    labels = np.array([[1, 2, -1], [-1, -1, -1], [1, 1, 3]], np.int32)
+    lengths = np.array([12, 9, 12], np.int32)
+    dense = -tf.nn.ctc_loss(labels=np.maximum(labels, 0), logits=logits,
+                            label_length=(labels >= 0).sum(1), logit_length=lengths,
+                            logits_time_major=False, blank_index=BLANK).numpy()
+    np.testing.assert_allclose(_log_probability(logits, labels, lengths).numpy(), dense,
+                               rtol=1e-5)
 
 
 def test_digits_ensemble_transcribes_with_all_its_members(tmp_path, capsys):

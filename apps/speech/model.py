@@ -136,35 +136,54 @@ def decode_ensemble(logits, lengths, *, beam_width: int = 0, top_paths: int = 4)
 
     Models trained apart emit a digit's peak on different frames (several
     frames apart on FSDD), so their per-frame probabilities cannot be averaged.
-    Instead, each member proposes its `top_paths` best strings (its greedy one
-    with beam_width 0), every member scores every proposal by its CTC
-    probability over all alignments, and the string with the highest mean
-    probability wins.
+    Instead, each member proposes its `top_paths` best strings (at most
+    `beam_width`; its greedy one with beam_width 0), every member scores every
+    proposal by its CTC probability over all alignments, and the string with
+    the highest mean probability wins.
     """
     logits = tf.cast(logits, tf.float32)
     members = logits.shape[1]
     batch = tf.shape(logits)[0]
     lengths = tf.cast(lengths, tf.int32)
+    paths = min(top_paths, beam_width) if beam_width > 0 else 1
+    # A row of 0 frames leaves the beam fewer than `paths` leaves; 1 frame decodes to "".
     proposals = [tf.sparse.to_dense(path, default_value=-1)
                  for m in range(members)
-                 for path in _decoded(logits[:, m], lengths, beam_width,
-                                      top_paths if beam_width > 0 else 1)]
+                 for path in _decoded(logits[:, m], tf.maximum(lengths, 1), beam_width, paths)]
     n = len(proposals)
-    width = tf.reduce_max([tf.shape(p)[1] for p in proposals])
+    width = tf.maximum(tf.reduce_max([tf.shape(p)[1] for p in proposals]), 1)
     proposals = tf.stack([tf.pad(p, [[0, 0], [0, width - tf.shape(p)[1]]], constant_values=-1)
                           for p in proposals], axis=1)  # (batch, n, width)
     flat = tf.reshape(proposals, [-1, width])
-    label_length = tf.reduce_sum(tf.cast(flat >= 0, tf.int32), axis=1)
-    log_p = []
-    for m in range(members):
-        frames = tf.repeat(logits[:, m], n, axis=0)  # each row once per proposal
-        loss = tf.nn.ctc_loss(labels=tf.maximum(flat, 0), logits=frames,
-                              label_length=label_length, logit_length=tf.repeat(lengths, n),
-                              logits_time_major=False, blank_index=BLANK)
-        log_p.append(-tf.reshape(loss, [batch, n]))
-    score = tf.reduce_logsumexp(tf.stack(log_p), axis=0)  # log of the sum = mean x members
+    log_p = tf.stack([tf.reshape(_log_probability(tf.repeat(logits[:, m], n, axis=0), flat,
+                                                  tf.repeat(lengths, n)), [batch, n])
+                      for m in range(members)])
+    score = tf.reduce_logsumexp(log_p, axis=0)  # log(sum over members) = log(mean) + const
     best = tf.gather(proposals, tf.argmax(score, axis=1, output_type=tf.int32), batch_dims=1)
     return _join(tf.RaggedTensor.from_tensor(best, padding=-1))
+
+
+def _log_probability(logits, labels, lengths):
+    """log p(labels | logits) under CTC, all alignments: logits (rows, frames, 11),
+    labels (rows, width) padded with -1, lengths (rows,) frames.
+
+    The sparse-label CTC op runs in time linear in the label length (the dense
+    one in its square, which long garbage proposals make slow); it refuses
+    empty labels, whose only alignment is blank at every frame, so those are
+    scored apart.
+    """
+    labels = tf.cast(labels, tf.int32)
+    empty = tf.reduce_all(labels < 0, axis=1)
+    first = tf.range(tf.shape(labels)[1])[None] == 0
+    labels = tf.where(empty[:, None] & first, 0, labels)  # a stand-in digit
+    where = tf.where(labels >= 0)
+    sparse = tf.SparseTensor(where, tf.gather_nd(labels, where), tf.shape(labels, tf.int64))
+    loss = tf.nn.ctc_loss(labels=sparse, logits=logits, label_length=None,
+                          logit_length=tf.maximum(lengths, 1),  # room for the stand-in
+                          logits_time_major=False, blank_index=BLANK)
+    frames = tf.sequence_mask(lengths, tf.shape(logits)[1], tf.float32)
+    all_blank = tf.reduce_sum(tf.nn.log_softmax(logits)[..., BLANK] * frames, axis=1)
+    return tf.where(empty, all_blank, -loss)
 
 
 def _join(labels: tf.RaggedTensor) -> tf.Tensor:
