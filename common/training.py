@@ -305,14 +305,14 @@ class _Absent:
         return "(absent)"
 
 
-ABSENT = _Absent()
+_ABSENT = _Absent()
 
 
 def _settings_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     """`key: old -> new` for each (nested) app setting of `new` that `old` differs in."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [change for key in new
-                for change in _settings_changes(old.get(key, ABSENT), new.get(key, ABSENT),
+                for change in _settings_changes(old.get(key, _ABSENT), new.get(key, _ABSENT),
                                                 f"{prefix}{key}.")]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
