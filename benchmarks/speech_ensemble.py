@@ -15,8 +15,8 @@ accuracy >= 0.99 (at most 2 of the 250 test clips wrong).
 ``digits`` does the same for connected digits: one `digits train` per seed with
 the app's defaults (test speaker: the last alphabetically, yweweler; the same
 generated corpus for every seed), each scored by the app at the end of training,
-then `digits ensemble` (mean per-frame probabilities) and `digits evaluate
---json`. Writes benchmarks/results/speech_ensemble_digits.{txt,json}. Target:
+then `digits ensemble` (the string the members' mean CTC probability prefers)
+and `digits evaluate --json`. Writes benchmarks/results/speech_ensemble_digits.{txt,json}. Target:
 WER <= 0.05 on the unseen speaker.
 """
 

@@ -210,6 +210,13 @@ def add_export_flags(parser: argparse.ArgumentParser) -> None:
     add_debug_flag(parser)
 
 
+def add_members_flag(parser: argparse.ArgumentParser, runs: str) -> None:
+    """An `ensemble` command's --members; `runs` says which runs fit together."""
+    parser.add_argument("--members", nargs="+", required=True, metavar="RUN",
+                        help=f"two or more trained {runs}; --run-dir is the new run, which "
+                             "`evaluate`, `predict` and `export` then treat like any other")
+
+
 _COMMAND_HELP = {
     "train": ("train a model into a run directory", add_train_flags),
     "evaluate": ("report metrics of a trained run", add_evaluate_flags),

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from common.cli import (
+    add_members_flag,
     build_parser,
     non_negative_float,
     non_negative_int,
@@ -187,13 +188,11 @@ def make_parser() -> argparse.ArgumentParser:
                        help="K-fold cross-validation instead of one run: trains K models and "
                             "writes per-fold and mean test metrics to RUN/cv.json and every "
                             "example's out-of-fold probability to RUN/cv_predictions.csv")
-    commands["sentiment", "ensemble"].add_argument(
-        "--members", nargs="+", required=True, metavar="RUN",
-        help="two or more trained sentiment run directories (not --cv runs) with the same "
-             "--data, split seed (--split-seed, or --seed without it) and loader flags, so they "
-             "share the test split; they may differ "
-             "in anything else (vocabulary, vectors, --init-from, shape); --run-dir is the new "
-             "run, which `evaluate`, `predict` and `export` then treat like any other")
+    add_members_flag(
+        commands["sentiment", "ensemble"],
+        "sentiment run directories (not --cv runs) with the same --data, split seed "
+        "(--split-seed, or --seed without it) and loader flags, so they share the test split; "
+        "they may differ in anything else (vocabulary, vectors, --init-from, shape)")
     predict = commands["sentiment", "predict"]
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--file", metavar="PATH",

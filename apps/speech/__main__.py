@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import (
+    add_members_flag,
     build_parser,
     non_negative_float,
     non_negative_int,
@@ -104,17 +105,13 @@ def make_parser() -> argparse.ArgumentParser:
         commands[task, "predict"].add_argument("files", nargs="+", metavar="FILE",
                                                help="audio files (WAV/FLAC/OGG), any rate, "
                                                     "mono or stereo")
-    commands["words", "ensemble"].add_argument(
-        "--members", nargs="+", required=True, metavar="RUN",
-        help="two or more trained `words` run directories with the same data, labels and "
-             "features (e.g. the same command with different --seed); --run-dir is the new "
-             "run, which `evaluate`, `predict` and `export` then treat like any other")
-    commands["digits", "ensemble"].add_argument(
-        "--members", nargs="+", required=True, metavar="RUN",
-        help="two or more trained `digits` run directories with the same data, features, "
-             "test speakers and test corpus (--corpus-seed, --test-utterances, --max-digits; "
-             "e.g. the same command with different --seed); --run-dir is the new run, which "
-             "`evaluate`, `predict` and `export` then treat like any other")
+    add_members_flag(commands["words", "ensemble"],
+                     "`words` run directories with the same data, labels and features (e.g. "
+                     "the same command with different --seed)")
+    add_members_flag(commands["digits", "ensemble"],
+                     "`digits` run directories with the same data, features, test speakers "
+                     "and test corpus (--corpus-seed, --test-utterances, --max-digits; e.g. "
+                     "the same command with different --seed)")
     return parser
 
 
