@@ -6,6 +6,7 @@
     python benchmarks/nlp_quality.py polarity --folds 10          # 10-fold CV
     python benchmarks/nlp_quality.py polarity --folds 10 --vectors imdb   # + word vectors
     python benchmarks/nlp_quality.py polarity --folds 10 --init-from imdb # fine-tune an IMDB model
+    python benchmarks/nlp_quality.py polarity --folds 10 --init-from imdb-sentences
     python benchmarks/nlp_quality.py polarity-ensemble --members polarity-vectors-imdb,polarity-init-imdb
     python benchmarks/nlp_quality.py textgen --minutes 5 --units 256   # flags for train
 
@@ -23,6 +24,10 @@ them as ``--embeddings``: semi-supervised learning with unlabelled in-domain tex
 (the app's defaults, 12 minutes at most; cached under --work) and fine-tunes it
 on every fold (``--init-from``): supervised transfer from another review corpus,
 so its rows are reported apart from those that learn from rt-polarity alone.
+``--init-from imdb-sentences`` does the same from a model trained on IMDB's
+reviews cut into sentences, each labelled with its review's label (distant
+supervision with noisy labels, on texts as short as rt-polarity's), starting
+from the ``--vectors imdb`` word vectors.
 
 Each polarity variant keeps its run in --work (``polarity``, ``polarity-vectors-imdb``,
 ``polarity-init-imdb``, with ``-seed-N`` for ``--seed N``; a rerun of a variant
@@ -38,9 +43,11 @@ out; rt-polarity 10-fold accuracy >= 0.80.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,10 +116,10 @@ VECTORS = {"imdb": (["--text", str(DATA / "imdb" / "imdb_reviews.csv"), "--text-
                     "imdb_ppmi_svd_300.txt")}
 
 
-def build_vectors(opts) -> tuple[Path, dict]:
-    """The cached --vectors file (built on first use), and how it was made."""
-    module_args, name = VECTORS[opts.vectors]
-    path = opts.work / name
+def build_vectors(opts, name: str | None = None) -> tuple[Path, dict]:
+    """The cached word vectors `name` (--vectors by default; built on first use), and how."""
+    module_args, file_name = VECTORS[name or opts.vectors]
+    path = opts.work / file_name
     command = [sys.executable, "-m", "apps.nlp.embeddings", "build", *module_args,
                "--out", str(path)]
     info = {"file": str(path), "command": "python -m apps.nlp.embeddings build "
@@ -125,20 +132,59 @@ def build_vectors(opts) -> tuple[Path, dict]:
     return path, info
 
 
-# Labelled corpora a polarity model can start from: train flags of the source run.
-SOURCES = {"imdb": ["--data", str(DATA / "imdb" / "imdb_reviews.csv"), "--max-minutes", "12"]}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def imdb_sentences(opts, min_words: int = 3, max_words: int = 56) -> Path:
+    """IMDB's reviews cut into sentences, each labelled with its review's label (cached).
+
+    Distant supervision: most sentences of a positive review lean positive, many
+    are neutral (plot), a few lean the other way; the labels are noisy, the
+    sentences are as short as rt-polarity's. `<br />` ends a line, and a line
+    is cut after . ! or ? followed by white space.
+    """
+    path = opts.work / "imdb_sentences.csv"
+    if path.exists():
+        return path
+    partial = path.with_suffix(".partial")
+    with open(DATA / "imdb" / "imdb_reviews.csv", encoding="utf-8", newline="") as source, \
+            open(partial, "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["review", "sentiment"])
+        for row in csv.DictReader(source):
+            for line in row["review"].replace("<br />", "\n").split("\n"):
+                for sentence in SENTENCE_END.split(line.strip()):
+                    if min_words <= len(sentence.split()) <= max_words:
+                        writer.writerow([sentence, row["sentiment"]])
+    partial.replace(path)
+    return path
+
+
+def source_flags(opts) -> list[str]:
+    """Train flags of the --init-from source run (the labelled corpus a polarity model starts from)."""
+    if opts.init_from == "imdb":  # the app's defaults on whole reviews
+        return ["--data", str(DATA / "imdb" / "imdb_reviews.csv"), "--max-minutes", "12"]
+    # imdb-sentences: the IMDB vectors' model shape, trained on IMDB's sentences
+    vectors, _ = build_vectors(opts, "imdb")
+    return ["--data", str(imdb_sentences(opts)), "--embeddings", str(vectors),
+            "--pooling", "max", "--max-len", "56", "--embedding-dropout", "0.3",
+            "--dropout", "0.5", "--batch-size", "128", "--epochs", "4", "--max-minutes", "25"]
+
+
+SOURCES = ("imdb", "imdb-sentences")
 
 
 def source_run(opts) -> tuple[Path, dict]:
     """The cached --init-from run (trained on first use), and how it was made."""
     run = opts.work / f"{opts.init_from}_source"
-    args = ["sentiment", "train", "--run-dir", str(run), *SOURCES[opts.init_from]]
+    flags = source_flags(opts)
+    args = ["sentiment", "train", "--run-dir", str(run), *flags]
     info = {"run": str(run), "command": "python -m apps.nlp " + " ".join(args)}
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if "test_classification" not in metrics:  # not trained, or killed before the end
         info["train_seconds"] = round(run_cli(["sentiment", "train", "--run-dir",
-                                               str(fresh(run)), *SOURCES[opts.init_from]]), 1)
+                                               str(fresh(run)), *flags]), 1)
         metrics = json.loads(metrics_path.read_text())
     info["source_test_accuracy"] = metrics["test_classification"]["accuracy"]
     return run, info
@@ -233,7 +279,7 @@ def main() -> int:
     parser.add_argument("--vectors", choices=sorted(VECTORS), default=None,
                         help="polarity: build (once, cached in --work) and use word vectors "
                              "trained on this unlabelled text")
-    parser.add_argument("--init-from", choices=sorted(SOURCES), default=None,
+    parser.add_argument("--init-from", choices=SOURCES, default=None,
                         help="polarity: train (once, cached in --work) a model on this labelled "
                              "corpus and fine-tune it on every fold")
     parser.add_argument("--seed", type=int, default=0,
