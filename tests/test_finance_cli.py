@@ -187,3 +187,21 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == ["config.json"]
     code, _, err = run_cli(capsys, "evaluate", "--run-dir", str(run))
     assert code == 2 and "train it again" in err
+
+
+def test_resume_with_another_model_size_names_only_that_flag(tmp_path, capsys):
+    # Calibration rewrites the run's target scale after training; a refused
+    # --resume must not list those fitted numbers as flags the user changed.
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run), *TINY)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    wider = ["--epochs", "2", "--units", "16", "--window", "20", "--vol-window", "5",
+             "--batch-size", "64"]
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run), "--resume", *wider)
+    assert code == 2
+    message = err.strip().splitlines()[-1]
+    assert "changed: model.units: 8 -> 16." in message, message
+    assert "target_scale" not in message
+    assert {p: p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before

@@ -179,16 +179,16 @@ VOL_FLOOR_FRACTION = 0.25
 def fit_target_scale(w, settings: Settings) -> dict:
     """Volatility floor, and mean and std of the (volatility-scaled) change, over TRAINING windows.
 
-    `shrink` (the point forecast's weight, 1 = the model as trained) and the
-    band (`band`, or `band_lo`/`band_hi`) are neutral here; `calibrate` fits
-    them on the validation part after training.
+    `shrink` (the point forecast's weight) and the band (`band_lo`/`band_hi`)
+    are absent, which `decode` reads as the model as trained; `calibrate` fits
+    them on the validation part after training. Leaving them out keeps the
+    scale a --resume fits comparable with the run's stored, calibrated one.
     """
     vol = recent_vol(w.x, settings)
     scaled = settings.target_kind != "level" and settings.scale_by_volatility
     floor = max(1e-4, VOL_FLOOR_FRACTION * float(np.median(vol))) if scaled else 1e-4
     u = to_change(w.y, w.last, settings.target_kind) / np.maximum(vol, floor)
-    return {"mean": float(u.mean()), "std": float(u.std() or 1.0), "band": 1.0,
-            "shrink": 1.0, "vol_floor": floor}
+    return {"mean": float(u.mean()), "std": float(u.std() or 1.0), "vol_floor": floor}
 
 
 def _vol(rows, scale: dict, settings: Settings):
