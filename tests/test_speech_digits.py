@@ -1,5 +1,6 @@
 """digits: the connected-digit corpus, CTC decoding and metrics, and a tiny run."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import tensorflow as tf
 
 from apps.speech import data
 from apps.speech.__main__ import main
-from apps.speech.model import BLANK, decode, digit_metrics, edit_distance
+from apps.speech.model import BLANK, decode, digit_metrics, edit_distance, edit_operations
 
 
 def test_corpus_is_deterministic_and_one_speaker_each():
@@ -39,6 +40,43 @@ def test_decoders_and_metrics():
     assert edit_distance("1234", "1245") == 2 and edit_distance("", "12") == 2
     m = digit_metrics(["123", "45"], ["123", "4"])
     assert m["wer"] == pytest.approx(1 / 5) and m["sequence_accuracy"] == 0.5
+    assert (m["substitutions"], m["deletions"], m["insertions"], m["digits"]) == (0, 1, 0, 5)
+
+
+@pytest.mark.parametrize("truth, predicted, expected", [
+    ("1234", "1234", (0, 0, 0)),
+    ("1234", "1294", (1, 0, 0)),
+    ("1234", "124", (0, 1, 0)),
+    ("1234", "12334", (0, 0, 1)),
+    ("", "12", (0, 0, 2)),
+    ("12", "", (0, 2, 0)),
+    ("1122", "12", (0, 2, 0)),       # CTC merging a repeated digit: deletions
+    ("123", "9", (1, 2, 0)),         # a tie broken towards the substitution
+    ("5", "56789", (0, 0, 4)),
+])
+def test_edit_operations_split_the_edit_distance(truth, predicted, expected):
+    assert edit_operations(truth, predicted) == expected
+    assert edit_distance(truth, predicted) == sum(expected)
+    m = digit_metrics([truth], [predicted])
+    assert m["wer"] == pytest.approx(sum(expected) / max(len(truth), 1))
+
+
+def test_edit_operations_on_random_strings():
+    def levenshtein(a, b):  # the textbook recurrence, memoised
+        @functools.cache
+        def d(i, j):
+            if not i or not j:
+                return i + j
+            return min(d(i - 1, j - 1) + (a[i - 1] != b[j - 1]), d(i - 1, j) + 1, d(i, j - 1) + 1)
+        return d(len(a), len(b))
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        truth, predicted = ("".join(rng.choice(list("0123"), rng.integers(0, 8)))
+                            for _ in range(2))
+        subs, dels, ins = edit_operations(truth, predicted)
+        assert subs + dels + ins == levenshtein(truth, predicted)
+        assert len(predicted) == len(truth) - dels + ins
 
 
 CHILD = """
@@ -64,6 +102,10 @@ def test_tiny_digits_run(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["test_speakers"] == ["nicolas"] and out["utterances"] == 4
     assert out["wer"] >= 0 and 0 <= out["sequence_accuracy"] <= 1
+    # The WER is its substitutions, deletions and insertions over the truth's digits.
+    assert out["wer"] == pytest.approx(
+        (out["substitutions"] + out["deletions"] + out["insertions"]) / out["digits"])
+    assert out["wer_beam"] == out["wer"] and "deletions_greedy" in out
     # In a fresh process: loading the model must register its custom layers itself.
     predicted = subprocess.run(
         [sys.executable, "-m", "apps.speech", "digits", "predict", "--run-dir", str(run_dir),

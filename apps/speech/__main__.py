@@ -710,10 +710,16 @@ def digits_train(args: argparse.Namespace) -> int:
         metrics = read_json(run.metrics)
         metrics["test_transcription"] = {**scores, "beam_width": args.beam_width}
         write_json(run.metrics, metrics)
-    print(f"trained: test WER {scores['wer']:.4f}, sequence accuracy "
-          f"{scores['sequence_accuracy']:.4f} ({len(test_us)} utterances of "
+    print(f"trained: test {_wer_summary(scores)} ({len(test_us)} utterances of "
           f"{', '.join(test_speakers)})")
     return 0
+
+
+def _wer_summary(scores: dict[str, Any]) -> str:
+    """'WER 0.0688 (12 substituted, 20 deleted, 6 inserted of 552 digits), sequence accuracy ...'."""
+    return (f"WER {scores['wer']:.4f} ({scores['substitutions']} substituted, "
+            f"{scores['deletions']} deleted, {scores['insertions']} inserted of "
+            f"{scores['digits']} digits), sequence accuracy {scores['sequence_accuracy']:.4f}")
 
 
 def digits_evaluate(args: argparse.Namespace) -> int:
@@ -742,17 +748,17 @@ def digits_evaluate(args: argparse.Namespace) -> int:
         if name == "beam" and width == 0:
             continue
         scores = digit_metrics(truth, _transcribe(model, xs, args.batch_size, width))
-        metrics.update({f"{k}_{name}" if k != "utterances" else k: v
+        metrics.update({f"{k}_{name}" if k not in ("utterances", "digits") else k: v
                         for k, v in scores.items()})
     best = "beam" if args.beam_width else "greedy"
-    metrics["wer"] = metrics[f"wer_{best}"]
-    metrics["sequence_accuracy"] = metrics[f"sequence_accuracy_{best}"]
+    for key in ("wer", "sequence_accuracy", "substitutions", "deletions", "insertions"):
+        metrics[key] = metrics[f"{key}_{best}"]
     metrics["test_speakers"] = sorted(test_speakers)
     if args.json:
         print_json(metrics)
     else:
-        print(f"WER {metrics['wer']:.4f}, sequence accuracy {metrics['sequence_accuracy']:.4f} "
-              f"on {metrics['utterances']} utterances of {', '.join(sorted(test_speakers))}")
+        print(f"{_wer_summary(metrics)} on {metrics['utterances']} utterances of "
+              f"{', '.join(sorted(test_speakers))}")
     return 0
 
 

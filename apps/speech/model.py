@@ -191,21 +191,50 @@ def _join(labels: tf.RaggedTensor) -> tf.Tensor:
     return tf.strings.reduce_join(tf.gather(tf.constant(list(DIGITS)), labels), axis=-1)
 
 
+def edit_operations(truth: str, predicted: str) -> tuple[int, int, int]:
+    """(substitutions, deletions, insertions) of a minimal alignment of `predicted` to `truth`.
+
+    Their sum is the edit distance. Among alignments of minimal cost the
+    backtrace prefers a substitution, then a deletion, then an insertion
+    (as NIST's sclite does), so the split is deterministic.
+    """
+    n, m = len(truth), len(predicted)
+    cost = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i][j] = min(cost[i - 1][j - 1] + (truth[i - 1] != predicted[j - 1]),
+                             cost[i - 1][j] + 1, cost[i][j - 1] + 1)
+    subs = dels = ins = 0
+    i, j = n, m
+    while i or j:
+        if i and j and cost[i][j] == cost[i - 1][j - 1] + (truth[i - 1] != predicted[j - 1]):
+            subs += truth[i - 1] != predicted[j - 1]
+            i, j = i - 1, j - 1
+        elif i and cost[i][j] == cost[i - 1][j] + 1:
+            dels, i = dels + 1, i - 1
+        else:
+            ins, j = ins + 1, j - 1
+    return subs, dels, ins
+
+
 def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
+    return sum(edit_operations(a, b))
 
 
 def digit_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
-    """Word (digit) error rate and sequence accuracy."""
-    errors = sum(edit_distance(t, p) for t, p in zip(truth, predicted, strict=True))
-    words = sum(len(t) for t in truth)
+    """Word (digit) error rate, its substitutions, deletions and insertions, and sequence accuracy.
+
+    WER = (substitutions + deletions + insertions) / digits of the truth.
+    """
+    subs = dels = ins = 0
+    for t, p in zip(truth, predicted, strict=True):
+        s, d, i = edit_operations(t, p)
+        subs, dels, ins = subs + s, dels + d, ins + i
+    digits = sum(len(t) for t in truth)
     exact = sum(t == p for t, p in zip(truth, predicted, strict=True))
-    return {"wer": errors / max(words, 1), "sequence_accuracy": exact / max(len(truth), 1),
+    return {"wer": (subs + dels + ins) / max(digits, 1),
+            "sequence_accuracy": exact / max(len(truth), 1),
+            "substitutions": subs, "deletions": dels, "insertions": ins, "digits": digits,
             "utterances": len(truth)}
 
 
