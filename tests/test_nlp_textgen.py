@@ -51,6 +51,29 @@ def test_train_writes_a_complete_run(run_dir):
     assert vocab == sorted(set(train_text))  # built from the training split
     # A generated sample went to TensorBoard.
     assert list((run_dir / "logs" / "samples").glob("events.out.tfevents.*"))
+    # No budget: the small preset fills what TINY leaves unset; --units 16 wins.
+    assert (config["app_settings"]["units"], config["app_settings"]["layers"],
+            config["app_settings"]["dropout"]) == (16, 1, 0.0)
+    assert (config["training"]["learning_rate"], config["training"]["lr_schedule"]) == (
+        3e-3, "constant")
+
+
+@pytest.mark.parametrize("flags, preset, expected", [
+    ([], "small", (256, 1, 0.0, 3e-3, "constant")),
+    (["--max-minutes", "29"], "small", (256, 1, 0.0, 3e-3, "constant")),
+    (["--max-minutes", "60"], "large", (512, 2, 0.25, 2e-3, "cosine")),
+    (["--max-minutes", "60", "--units", "128", "--lr-schedule", "constant"], "large",
+     (128, 2, 0.25, 2e-3, "constant")),
+    (["--max-minutes", "60", "--preset", "small"], "small", (256, 1, 0.0, 3e-3, "constant")),
+    (["--preset", "large", "--dropout", "0"], "large", (512, 2, 0.0, 2e-3, "cosine")),
+])
+def test_preset_fills_only_the_flags_left_unset(flags, preset, expected):
+    from apps.nlp.__main__ import make_parser, resolve_textgen_preset
+
+    args = make_parser().parse_args(["textgen", "train", "--run-dir", "r", *flags])
+    assert resolve_textgen_preset(args) == preset
+    assert (args.units, args.layers, args.dropout, args.learning_rate,
+            args.lr_schedule) == expected
 
 
 def test_evaluate_json_reports_nats_and_bits(run_dir, capsys):

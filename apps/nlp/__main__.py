@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from common.cli import (
     add_members_flag,
@@ -67,13 +68,42 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
             action.help = text
 
 
+# textgen model and optimiser defaults by time budget: what reached the 5- and
+# 60-minute Tiny Shakespeare targets on 2 CPU cores (docs/nlp.md, Quality).
+TEXTGEN_PRESETS: dict[str, dict[str, Any]] = {
+    "small": {"units": 256, "layers": 1, "dropout": 0.0, "learning_rate": 3e-3,
+              "lr_schedule": "constant"},
+    "large": {"units": 512, "layers": 2, "dropout": 0.25, "learning_rate": 2e-3,
+              "lr_schedule": "cosine"},
+}
+LARGE_FROM_MINUTES = 30.0
+
+
+def _preset_flags(name: str) -> str:
+    return " ".join(f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float)
+                    else f"--{key.replace('_', '-')} {value}"
+                    for key, value in TEXTGEN_PRESETS[name].items())
+
+
+def resolve_textgen_preset(args: argparse.Namespace) -> str:
+    """Fill the textgen flags left unset from `--preset` (auto: by `--max-minutes`); its name."""
+    name = args.preset
+    if name == "auto":
+        budget = args.max_minutes
+        name = "large" if budget is not None and budget >= LARGE_FROM_MINUTES else "small"
+    for key, value in TEXTGEN_PRESETS[name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return name
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser, commands = build_parser(
         "lstm-nlp", "Character-level text generation and sentiment classification with LSTMs.",
         {"textgen": "learn a text character by character and generate more of it",
          "sentiment": "classify short texts as positive or negative"},
         predict_command={"textgen": "generate", "sentiment": "predict"},
-        train_defaults={"textgen": {"epochs": 200, "batch_size": 64, "learning_rate": 3e-3},
+        train_defaults={"textgen": {"epochs": 200, "batch_size": 64},
                         "sentiment": {"epochs": 6, "batch_size": 64}},
         extra_commands={"sentiment": {"ensemble": "combine trained runs into one run whose "
                                                   "probability is the mean of theirs"}})
@@ -92,10 +122,26 @@ def make_parser() -> argparse.ArgumentParser:
                        help="characters per training window (backpropagation through time)")
     train.add_argument("--embedding-dim", type=positive_int, default=64,
                        help="size of the character embedding")
-    train.add_argument("--units", type=positive_int, default=256, help="units per LSTM layer")
-    train.add_argument("--layers", type=positive_int, default=1, help="number of stacked LSTMs")
-    train.add_argument("--dropout", type=unit_interval, default=0.0,
-                       help="dropout after each LSTM layer")
+    train.add_argument("--preset", choices=("auto", *TEXTGEN_PRESETS), default="auto",
+                       help="defaults of --units, --layers, --dropout, --learning-rate and "
+                            "--lr-schedule, by time budget: small = "
+                            + _preset_flags("small") + " (best in a few minutes); large = "
+                            + _preset_flags("large") + " (best given an hour); auto = large "
+                            f"when --max-minutes is {LARGE_FROM_MINUTES:g} or more, else small. "
+                            "A flag given explicitly wins")
+    train.add_argument("--units", type=positive_int, default=None,
+                       help="units per LSTM layer (default: from --preset)")
+    train.add_argument("--layers", type=positive_int, default=None,
+                       help="number of stacked LSTMs (default: from --preset)")
+    train.add_argument("--dropout", type=unit_interval, default=None,
+                       help="dropout after each LSTM layer (default: from --preset)")
+    # The optimiser flags come from common.cli; their textgen defaults come from --preset.
+    train.set_defaults(learning_rate=None, lr_schedule=None)
+    _set_help(train, "learning_rate", "peak learning rate of the Adam optimizer (default: "
+              "from --preset)")
+    _set_help(train, "lr_schedule", "learning-rate schedule: constant, or cosine decay to 0 by "
+              "the end of the run (the last epoch, or --max-minutes if that comes first) "
+              "(default: from --preset)")
     train.add_argument("--steps-per-epoch", type=non_negative_int, default=50,
                        help="batches per epoch (random windows, reshuffled every epoch), so "
                             "validation, checkpoints, samples and --max-minutes act often on "
@@ -271,6 +317,11 @@ def textgen_config(settings: dict):
 
 def textgen_train(args: argparse.Namespace) -> int:
     from apps.nlp import data as nlp_data
+
+    preset = resolve_textgen_preset(args)
+    print(f"model: preset {preset}{' (auto)' if args.preset == 'auto' else ''}: "
+          f"{args.layers} x LSTM({args.units}), dropout {args.dropout:g}, Adam "
+          f"{args.learning_rate:g} ({args.lr_schedule})", flush=True)
 
     text = nlp_data.load_text(args.data, args.encoding)
     train_text, val_text = nlp_data.split_text(text)
