@@ -104,6 +104,39 @@ def test_bad_rows_name_file_line_and_column(tmp_path, line, content, expected):
         load(path)
 
 
+def rewrite_dates(path, fmt: str):
+    """`path` with its ISO dates rewritten in the strftime format `fmt`."""
+    import datetime
+
+    head, *rows = path.read_text().splitlines()
+    rows = [datetime.date.fromisoformat(r[:10]).strftime(fmt) + r[10:] for r in rows]
+    path.write_text("\n".join([head, *rows]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%b-%Y"])
+def test_one_date_format_per_file_day_or_month_first(tmp_path, capsys, fmt):
+    # Day-first files begin with dates that also read month-first (04/01/2010):
+    # a per-date guess would scramble them; the whole file decides.
+    _, iso = load(ohlcv_csv(tmp_path / "iso.csv"))
+    _, other = load(rewrite_dates(ohlcv_csv(tmp_path / "other.csv"), fmt))
+    assert np.array_equal(other[0].dates, iso[0].dates)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_mixed_or_ambiguous_date_formats_are_refused(tmp_path):
+    path = rewrite_dates(ohlcv_csv(tmp_path / "p.csv"), "%d/%m/%Y")
+    edit_line(path, 30, "01/31/2010" + path.read_text().splitlines()[29][10:])  # month first
+    with pytest.raises(UserError, match=r"line 30, column 'date': cannot parse date "
+                                        r"'01/31/2010' \(expected one format"):
+        load(path)
+    path = rewrite_dates(ohlcv_csv(tmp_path / "short.csv", rows=40), "%d/%m/%Y")
+    lines = path.read_text().splitlines()  # keep the days 1-12 of each month only
+    path.write_text("\n".join([lines[0], *(r for r in lines[1:] if int(r[:2]) <= 12)]) + "\n")
+    with pytest.raises(UserError, match=r"reads both as %m/%d/%Y and as %d/%m/%Y"):
+        load(path, window=5, vol_window=2)
+
+
 def test_unsorted_dates_are_sorted_with_a_warning(tmp_path, capsys):
     path = ohlcv_csv(tmp_path / "p.csv")
     lines = path.read_text().splitlines()

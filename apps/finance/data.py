@@ -18,13 +18,17 @@ model on the training windows only (see `model.py`).
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported when a file is read, not with the CLI
+    import pandas
 
 OHLCV = ("open", "high", "low", "close", "volume")
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -192,12 +196,7 @@ def load_file(path: Path, settings: Settings) -> Series:
                         f"{', '.join(frame.columns)}); every file of --data needs the same layout")
 
     raw_dates = frame[date_col].str.strip()
-    dates = pd.to_datetime(raw_dates, errors="coerce", format="mixed")
-    bad = np.flatnonzero(dates.isna().to_numpy())
-    if len(bad):
-        i = bad[0]
-        raise UserError(f"{path}: line {lines[i]}, column '{date_col}': cannot parse date "
-                        f"'{raw_dates.iloc[i]}' (expected e.g. 2017-11-10)")
+    dates = _parse_dates(path, raw_dates, lines, date_col)
 
     values = np.empty((len(frame), len(wanted)), dtype=np.float64)
     for j, name in enumerate(wanted):
@@ -254,6 +253,43 @@ def load_file(path: Path, settings: Settings) -> Series:
                         f"({len(day)} rows; one example needs --window + --horizon = "
                         f"{settings.window + settings.horizon})")
     return Series(name=path.name.split(".")[0], path=str(path), dates=day, values=values)
+
+
+def _parse_dates(path, raw: pandas.Series, lines: np.ndarray, date_col: str) -> pandas.Series:
+    """The file's dates, read with ONE format: ISO 8601, or the format of its first date.
+
+    A per-value guess ("mixed") would read 12/11/2014 as December and
+    13/11/2014 as November in the same file and scramble the series. A first
+    date that reads both ways (12/11/2014) is settled by the rest of the file:
+    exactly one of month-first and day-first must read every date.
+    """
+    import pandas as pd
+    from pandas.tseries.api import guess_datetime_format
+
+    iso = pd.to_datetime(raw, errors="coerce", format="ISO8601")
+    if iso.notna().all():
+        return iso
+    first = raw.iloc[0] if len(raw) else ""
+    with warnings.catch_warnings():  # pandas warns when dayfirst and the format disagree
+        warnings.simplefilter("ignore", UserWarning)
+        formats = list(dict.fromkeys(f for f in (guess_datetime_format(first),
+                                                 guess_datetime_format(first, dayfirst=True))
+                                     if f))
+    readings = {f: pd.to_datetime(raw, errors="coerce", format=f) for f in formats}
+    whole = [f for f, dates in readings.items() if dates.notna().all()]
+    if len(whole) == 1:
+        return readings[whole[0]]
+    if len(whole) > 1:
+        raise UserError(f"{path}: column '{date_col}': every date reads both as "
+                        f"{' and as '.join(whole)} (e.g. '{first}'); write the dates as "
+                        "YYYY-MM-DD")
+    # Report the first date the most successful reading (or ISO 8601) cannot parse.
+    best = max(readings.values(), key=lambda d: int(d.notna().sum()), default=iso)
+    i = int(np.flatnonzero(best.isna().to_numpy())[0])
+    expected = ("one format for all of a file's dates: ISO 8601 such as 2017-11-10, or the "
+                f"format of its first date '{first}'") if formats else "e.g. 2017-11-10"
+    raise UserError(f"{path}: line {lines[i]}, column '{date_col}': cannot parse date "
+                    f"'{raw.iloc[i]}' (expected {expected})")
 
 
 def _is_blank(text) -> np.ndarray:
