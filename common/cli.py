@@ -114,6 +114,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def dropout_rate(text: str) -> float:
+    """A dropout rate: the fraction of units dropped, in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def choice_list(choices: Sequence[str], what: str = "value") -> Callable[[str], list[str]]:
     """An argparse type for a comma-separated subset of `choices`, e.g. ``a,c``."""
 

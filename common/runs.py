@@ -453,19 +453,45 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
         if existing is None:
             write_json(run.config, {"app": app, "task": task, "created": _now(),
                                     "versions": versions()})
-        yield run
+        try:
+            yield run
+        except BaseException:
+            if existing is None and not any(run.checkpoints.rglob("*")):
+                _discard_unstarted(run)
+            raise
     finally:
         lock.release()
+
+
+def _discard_unstarted(run: RunDir) -> None:
+    """Empty a NEW run that failed before its first checkpoint, keeping only the lock.
+
+    Nothing in it can be resumed, and leaving its config.json would make the
+    corrected command fail with "already holds a run". The folder held
+    nothing but the lock when the run began (`_check_owner`); the lock file
+    stays, as `RunLock` requires.
+    """
+    for entry in run.root.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+_MISSING = object()
 
 
 def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any], *,
                           app: str, task: str) -> None:
     """Refuse to resume a run with model settings other than those it was trained with.
 
-    `settings` are the resolved values of this command (app_settings keys);
-    each must equal what the run's config.json holds, if it holds the key.
-    Checked before anything is written. A run with no config yet, or another
-    app's or task's (which `open_run` refuses), passes.
+    `settings` are the resolved values of this command (app_settings keys, or
+    dotted paths into them such as ``data.window``); each must equal what the
+    run's config.json holds, if it holds the key. Checked before anything is
+    written. A run with no config yet, or another app's or task's (which
+    `open_run` refuses), passes.
     """
     run = RunDir(Path(run_dir).absolute())
     if not run.config.is_file():
@@ -473,10 +499,13 @@ def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any], 
     config = read_json(run.config)
     if (config.get("app"), config.get("task")) != (app, task):
         return
-    stored = config.get("app_settings") or {}
     for key, value in settings.items():
-        if key in stored and stored[key] != value:
-            raise UserError(f"--resume: {run.root} was trained with {key} = {stored[key]!r}, "
+        stored: Any = config.get("app_settings") or {}
+        for part in key.split("."):
+            stored = stored.get(part, _MISSING) if isinstance(stored, dict) else _MISSING
+        value = json.loads(json.dumps(value, default=jsonable))  # tuples as stored: lists
+        if stored is not _MISSING and stored != value:
+            raise UserError(f"--resume: {run.root} was trained with {key} = {stored!r}, "
                             f"this command gives {value!r}; repeat the run's flags to resume "
                             "it, or choose another --run-dir")
 
@@ -557,6 +586,30 @@ def lock_for_writing(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def export_path(run: RunDir, out: str | os.PathLike | None) -> Path:
+    """Where `export` writes: `--out`, or the run's own saved_model/.
+
+    Refuses an `--out` directly inside ANOTHER run directory (its
+    saved_model/, say): that run would then serve this one's model under its
+    own config. (A folder that is not an export is refused anyway, whatever
+    holds it, when the export starts.)
+    """
+    if out is None:
+        return run.saved_model
+    path = Path(out).absolute()
+    parent = RunDir(path.parent)
+    if parent.config.is_file() and path.parent.resolve() != run.root.resolve():
+        try:
+            owner = read_json(parent.config)
+        except (OSError, UserError):
+            owner = {}
+        if isinstance(owner, dict) and "app" in owner and "task" in owner:
+            raise UserError(f"--out {out}: is inside another run directory ({path.parent}, "
+                            f"{owner['app']} {owner['task']}); choose a folder outside it, or "
+                            "omit --out to update this run's own saved_model/")
+    return path
 
 
 def normalised_path(path: str | os.PathLike) -> Path:

@@ -440,12 +440,40 @@ def add_export_out_cases() -> None:
             write(out, "notes.txt", "keep me\n")
             return [task, "export", "--run-dir", str(runs(task)), "--out", str(out)], out.name
 
+        def out_in_another_run(tmp, runs, task=task):
+            other = runs(OTHER_TASK[task]) / "saved_model"  # a real export of another run
+            return [task, "export", "--run-dir", str(runs(task)), "--out", str(other)], \
+                str(other.parent)
+
         case(task, "export", "out_is_file", error("not a (directory|folder)"))(out_is_file)
+        case(task, "export", "out_in_another_run",
+             error("inside another run directory"))(out_in_another_run)
         case(task, "export", "out_is_a_folder_not_a_saved_model",
              error("not a SavedModel"))(out_not_saved_model)
 
 
 add_export_out_cases()
+
+
+def add_dropout_cases() -> None:
+    """--dropout 1 drops every input (Keras fails, or learns nothing): a usage error."""
+    for task in TASK_APP:
+        def dropout_one(tmp, runs, task=task):
+            return [task, "train", "--run-dir", str(tmp / "new_run"), *TRAIN_ARGS[task],
+                    "--dropout", "1"], "--dropout"
+
+        case(task, "train", "dropout_one", error(r"must be in \[0, 1\), got 1"))(dropout_one)
+
+
+add_dropout_cases()
+
+
+for _task in ("words", "digits"):
+    @case(_task, "train", "freq_mask_as_wide_as_the_mfcc",
+          error("must be smaller than --n-mfcc \\(13\\)"))
+    def _(tmp, runs, task=_task):
+        argv = run_args(task, "train", tmp / "new_run", tmp, runs)
+        return [*argv, "--freq-mask-width", "13"], "--freq-mask-width 13"
 
 
 # -- nlp ----------------------------------------------------------------------------
@@ -504,6 +532,17 @@ def _(tmp, runs):
     folder = empty_dir(tmp, "reviews")
     return ["sentiment", "train", "--run-dir", str(tmp / "r"), "--data", str(folder)], \
         folder.name
+
+
+@case("sentiment", "predict", "empty_text", error("text 2 of the arguments is empty"))
+def _(tmp, runs):
+    return ["sentiment", "predict", "--run-dir", str(runs("sentiment")), "good", " "], "text 2"
+
+
+@case("textgen", "generate", "prime_of_unknown_characters", error("none of its characters"))
+def _(tmp, runs):
+    return ["textgen", "generate", "--run-dir", str(runs("textgen")), "--prime", "\u65e5\u672c",
+            "--length", "5"], "--prime"
 
 
 @case("sentiment", "predict", "nothing_to_classify", error("nothing to classify"))

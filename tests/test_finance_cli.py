@@ -189,7 +189,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert code == 2 and "train it again" in err
 
 
-def test_resume_with_another_model_size_names_only_that_flag(tmp_path, capsys):
+def test_resume_with_another_model_size_or_target_is_refused(tmp_path, capsys):
     # Calibration rewrites the run's target scale after training; a refused
     # --resume must not list those fitted numbers as flags the user changed.
     run = tmp_path / "run"
@@ -203,5 +203,10 @@ def test_resume_with_another_model_size_names_only_that_flag(tmp_path, capsys):
     message = err.strip().splitlines()[-1]
     assert "changed: model.units: 8 -> 16." in message, message
     assert "target_scale" not in message
+    # Same weight shapes, another target: refused too, before anything is written.
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run), "--resume", *TINY,
+                           "--target-kind", "price")
+    assert code == 2
+    assert "trained with data.target_kind = 'return', this command gives 'price'" in err
     assert {p: p.read_bytes() for p in run.rglob("*")
             if p.is_file() and p.name != ".lock"} == before

@@ -164,6 +164,10 @@ def test_target_not_numeric_and_missing_column(tmp_path):
         load(temps, target="temp")
     with pytest.raises(UserError, match=r"no column 'close'.*pass --target"):
         load(temps)
+    semicolons = ohlcv_csv(tmp_path / "semi.csv")
+    semicolons.write_text(semicolons.read_text().replace(",", ";"))
+    with pytest.raises(UserError, match=r"separated by ';', and a CSV for --data needs commas"):
+        load(semicolons)
 
 
 def test_too_short_series_and_window(tmp_path):

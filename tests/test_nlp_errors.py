@@ -6,6 +6,7 @@ import pytest
 
 from apps.nlp import data as nlp_data
 from apps.nlp.__main__ import main
+from common.errors import UserError
 
 
 def error_line(capsys) -> str:
@@ -102,3 +103,51 @@ def test_missing_file_and_missing_run(tmp_path, capsys):
                        str(tmp_path / "nope.txt")], "nope.txt", "no such file")
     run_fails(capsys, ["sentiment", "predict", "--run-dir", str(tmp_path / "none"), "x"],
               "no such run directory")
+
+
+def test_csv_encodings_excel_bom_and_utf16(tmp_path):
+    rows = "review,sentiment\ngreat fun,positive\ndull,negative\n"
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows.encode())  # Excel's "CSV UTF-8"
+    assert nlp_data.load_csv(bom, "review", "sentiment", "utf-8").texts == ["great fun", "dull"]
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes(rows.encode("utf-16"))
+    for encoding in ("utf-8", "latin-1"):  # latin-1 would "decode" it into NUL-riddled text
+        with pytest.raises(UserError, match="UTF-16 byte-order mark; pass "
+                                                     "--encoding utf-16"):
+            nlp_data.load_csv(utf16, "review", "sentiment", encoding)
+    assert nlp_data.load_csv(utf16, "review", "sentiment", "utf-16").texts == ["great fun",
+                                                                             "dull"]
+
+
+def test_unquoted_commas_make_extra_fields(tmp_path):
+    path = tmp_path / "commas.csv"
+    path.write_text('review,sentiment\n"great, fun",positive\nslow, dull,negative\n')
+    with pytest.raises(UserError, match="line 3 has more fields than the header's 2; put "
+                                        "texts that contain commas in double quotes"):
+        nlp_data.load_csv(path, "review", "sentiment", "utf-8")
+
+
+def test_blank_texts_are_skipped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "blank.csv"
+    path.write_text("review,sentiment\ngreat,positive\n  ,negative\nawful,negative\n,positive\n")
+    data = nlp_data.load_csv(path, "review", "sentiment", "utf-8")
+    assert data.texts == ["great", "awful"] and list(data.labels) == [1, 0]
+    assert "skipped 2 row(s) whose 'review' is empty (first at line 3)" in capsys.readouterr().err
+    path.write_text("review,sentiment\n ,positive\n,negative\n")
+    with pytest.raises(UserError, match="header but no rows with text"):
+        nlp_data.load_csv(path, "review", "sentiment", "utf-8")
+
+
+def test_label_column_as_text_and_tiny_vocabulary_are_refused(tmp_path, capsys):
+    path = tmp_path / "r.csv"
+    path.write_text("review,sentiment\ngreat,positive\nawful,negative\n")
+    run_fails(capsys, ["sentiment", "train", "--run-dir", str(tmp_path / "r"), "--data",
+                       str(path), "--text-col", "sentiment"],
+              "--text-col and --label-col both name 'sentiment'")
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, from argparse
+        main(["sentiment", "train", "--run-dir", str(tmp_path / "r"), "--data", str(path),
+              "--max-tokens", "2"])
+    assert exit_info.value.code == 2
+    assert "argument --max-tokens: must be >= 3" in error_line(capsys)
+    assert not (tmp_path / "r").exists()

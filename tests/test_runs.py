@@ -65,6 +65,30 @@ def test_new_run_is_claimed_and_never_overwritten(tmp_path):
         pass
 
 
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing_to_block_a_retry(
+        tmp_path):
+    root = tmp_path / "run"
+    with pytest.raises(ValueError, match="bad flag"):
+        with open_run(root, app="a", task="b") as run:
+            (run.logs / "train").mkdir()
+            raise ValueError("bad flag")
+    assert os.listdir(root) == [".lock"]
+    with open_run(root, app="a", task="b") as run:  # the corrected command: no --resume
+        (run.checkpoints / "epoch-1").write_text("weights")
+    # A failing resume keeps the run, checkpoint or not; so does a new run that
+    # failed after its first checkpoint.
+    with pytest.raises(KeyboardInterrupt):
+        with open_run(root, app="a", task="b", resume=True) as run:
+            (run.checkpoints / "epoch-1").unlink()
+            raise KeyboardInterrupt
+    assert run.config.exists() and run.logs.exists()
+    with pytest.raises(KeyboardInterrupt):
+        with open_run(tmp_path / "new", app="a", task="b") as run:
+            (run.checkpoints / "epoch-1").write_text("weights")
+            raise KeyboardInterrupt
+    assert run.config.exists() and (run.checkpoints / "epoch-1").exists()
+
+
 def test_run_of_another_app_or_task_is_refused(tmp_path):
     root = tmp_path / "run"
     with open_run(root, app="nlp", task="sentiment"):

@@ -23,6 +23,7 @@ from typing import Any
 
 from common.cli import (
     build_parser,
+    dropout_rate,
     non_negative_float,
     positive_float,
     positive_int,
@@ -82,7 +83,7 @@ def make_parser():
                        help="what to do with empty cells: fail, drop the row, or forward-fill")
     train.add_argument("--units", type=positive_int, default=32, help="LSTM units per layer")
     train.add_argument("--layers", type=positive_int, default=1, help="stacked LSTM layers")
-    train.add_argument("--dropout", type=non_negative_float, default=0.0,
+    train.add_argument("--dropout", type=dropout_rate, default=0.0,
                        help="input dropout of every LSTM layer")
     train.add_argument("--point-loss", choices=("mae", "huber", "mse"), default="mae",
                        help="loss of the point head (on the standardised target); mae matches "
@@ -140,6 +141,14 @@ def train(args: argparse.Namespace) -> int:
         horizon=args.horizon, features=args.features, vol_window=args.vol_window,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, missing=args.missing,
         scale_by_volatility=args.scale_by_volatility)
+    if args.resume:
+        # Flags that keep the weight shapes can still change what the model
+        # forecasts (--target-kind, --horizon) or from what (--window): refused.
+        from common import runs
+
+        runs.check_resume_settings(
+            args.run_dir, {f"data.{key}": value for key, value in settings.to_json().items()
+                           if key != "cut_dates"}, app=APP, task=TASK)
     series = D.load_series(data_path, settings)
     settings = dataclasses.replace(settings, cut_dates=D.cut_dates(series, settings))
     parts = D.split(series, settings)
@@ -301,6 +310,7 @@ def export(args: argparse.Namespace) -> int:
 
     from apps.finance import data as D
     from apps.finance import model as M
+    from common import runs
     from common.export import export_saved_model
 
     model = run.load_model(compile=False)
@@ -322,7 +332,7 @@ def export(args: argparse.Namespace) -> int:
         sample = np.full((1, settings.window, len(settings.raw_columns)), 100.0, np.float32)
         band = f"{band} ({path} not found)" if path is not None else band
     out = export_saved_model(M.ForecastServing(model, settings, scale),
-                             args.out or run.saved_model, sample)
+                             runs.export_path(run, args.out), sample)
     print(f"exported {out} (serving_default: rows [batch, {settings.window}, "
           f"{len(settings.raw_columns)}] = {', '.join(settings.raw_columns)}); "
           f"10-90% band: {band}")

@@ -155,6 +155,11 @@ def resolve_layout(columns: list[str], target: str | None, target_kind: str,
     target = (target or "close").strip().lower()
     if target not in lower and not (target == "close" and "adj close" in lower):
         hint = "" if target != "close" else "; pass --target COLUMN for a non-price series"
+        separator = next((sep for sep in ";\t|" if len(columns) == 1 and sep in columns[0]),
+                         None)
+        if separator is not None:  # one column named "Date;Open;...": not comma-separated
+            hint = (f"; its columns seem to be separated by {separator!r}, and a CSV for "
+                    "--data needs commas")
         raise UserError(f"{where}: no column '{target}' (columns: {', '.join(columns)}){hint}")
     if has_ohlcv and target in ("close", "adj close"):
         mode = "ohlcv"

@@ -21,6 +21,7 @@ from typing import Any
 from common.cli import (
     add_members_flag,
     build_parser,
+    dropout_rate,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -41,17 +42,18 @@ SENTIMENT_DATA_HELP = ("a CSV (see --text-col/--label-col), a folder or file of 
                        "sample CSV")
 
 
-def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def top_p_value(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def vocabulary_size(text: str) -> int:
+    value = int(text)
+    if value < 3:  # the padding id, [UNK] and at least one word
+        raise argparse.ArgumentTypeError(f"must be >= 3 (padding, [UNK] and at least one "
+                                         f"word), got {text}")
     return value
 
 
@@ -85,16 +87,42 @@ def _preset_flags(name: str) -> str:
                     for key, value in TEXTGEN_PRESETS[name].items())
 
 
-def resolve_textgen_preset(args: argparse.Namespace) -> str:
-    """Fill the textgen flags left unset from `--preset` (auto: by `--max-minutes`); its name."""
+def resolve_textgen_preset(args: argparse.Namespace, trained: dict[str, Any] | None = None
+                           ) -> str:
+    """Fill the textgen flags left unset; returns where their values came from.
+
+    `trained`: the values of the run being resumed (`--resume` with
+    `--preset auto`): a resumed run goes on as it was trained, whatever its
+    new `--max-minutes`. Otherwise `--preset` (auto: by `--max-minutes`).
+    """
     name = args.preset
-    if name == "auto":
-        budget = args.max_minutes
-        name = "large" if budget is not None and budget >= LARGE_FROM_MINUTES else "small"
-    for key, value in TEXTGEN_PRESETS[name].items():
+    if name == "auto" and trained:
+        source = dict(trained)
+        name = "as trained"
+    else:
+        if name == "auto":
+            budget = args.max_minutes
+            name = "large" if budget is not None and budget >= LARGE_FROM_MINUTES else "small"
+        source = TEXTGEN_PRESETS[name]
+    for key in TEXTGEN_PRESETS["small"]:
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, source.get(key, TEXTGEN_PRESETS["small"][key]))
     return name
+
+
+def _trained_textgen_choices(run_dir: str) -> dict[str, Any]:
+    """The preset-controlled values a textgen run was trained with ({} for no run yet)."""
+    from common import runs
+
+    path = Path(run_dir) / "config.json"
+    config = runs.read_json(path) if path.is_file() else {}
+    if (config.get("app"), config.get("task")) != (APP, "textgen"):
+        return {}  # open_run refuses it, or it is new
+    model, training = config.get("app_settings") or {}, config.get("training") or {}
+    choices = {key: model[key] for key in ("units", "layers", "dropout") if key in model}
+    choices |= {key: training[key] for key in ("learning_rate", "lr_schedule")
+                if key in training}
+    return choices
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -133,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="units per LSTM layer (default: from --preset)")
     train.add_argument("--layers", type=positive_int, default=None,
                        help="number of stacked LSTMs (default: from --preset)")
-    train.add_argument("--dropout", type=unit_interval, default=None,
+    train.add_argument("--dropout", type=dropout_rate, default=None,
                        help="dropout after each LSTM layer (default: from --preset)")
     # The optimiser flags come from common.cli; their textgen defaults come from --preset.
     train.set_defaults(learning_rate=None, lr_schedule=None)
@@ -189,7 +217,7 @@ def make_parser() -> argparse.ArgumentParser:
                             "default: --seed. Runs that differ only in --seed then start "
                             "from other weights on the same examples (e.g. the members of "
                             "`sentiment ensemble`, or a seed-to-seed spread)")
-    train.add_argument("--max-tokens", type=positive_int, default=None,
+    train.add_argument("--max-tokens", type=vocabulary_size, default=None,
                        help="vocabulary size (most frequent words of the training split); "
                             f"default {SENTIMENT_SHAPE['max_tokens']}")
     train.add_argument("--max-len", type=positive_int, default=256,
@@ -216,9 +244,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=positive_int, default=None,
                        help="number of stacked bidirectional LSTMs; default "
                             f"{SENTIMENT_SHAPE['layers']}")
-    train.add_argument("--dropout", type=unit_interval, default=0.3,
+    train.add_argument("--dropout", type=dropout_rate, default=0.3,
                        help="dropout after each LSTM layer")
-    train.add_argument("--embedding-dropout", type=unit_interval, default=0.0,
+    train.add_argument("--embedding-dropout", type=dropout_rate, default=0.0,
                        help="dropout on the word vectors, before the first LSTM")
     train.add_argument("--pooling", choices=("last", "max"), default=None,
                        help="what the classifier sees of the last LSTM layer: its final "
@@ -249,6 +277,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # -- textgen ---------------------------------------------------------------------
+
+
+def _check_prime(prime: str | None, vocabulary: str | list[str]) -> None:
+    """Refuse a --prime the model cannot read at all; warn about its unknown characters."""
+    if not prime or not vocabulary:
+        return
+    unknown = sorted(set(prime) - set(vocabulary))
+    shown = "".join(unknown[:10]) + ("..." if len(unknown) > 10 else "")
+    if len(unknown) == len(set(prime)):
+        raise UserError(f"--prime {prime!r}: none of its characters is in the model's "
+                        f"vocabulary (the {len(vocabulary)} characters of its training text); "
+                        "prime it with text like the training text")
+    if unknown:
+        print(f"warning: --prime: {len(unknown)} character(s) not in the model's vocabulary "
+              f"are read as unknown: {shown!r}", file=sys.stderr)
 
 
 def textgen_handle(args: argparse.Namespace) -> int:
@@ -287,6 +330,7 @@ def textgen_handle(args: argparse.Namespace) -> int:
             print(f"{what}: {metrics['loss_nats_per_char']:.4f} nats/char, "
                   f"{metrics['bits_per_char']:.4f} bits/char")
     elif args.command == "generate":
+        _check_prime(args.prime, settings.get("vocabulary") or "")
         import tensorflow as tf
 
         from apps.nlp import textgen
@@ -301,7 +345,7 @@ def textgen_handle(args: argparse.Namespace) -> int:
         from common.export import export_saved_model
 
         generator = textgen.Generator(run.load_model(compile=False))
-        out = export_saved_model(generator, args.out or run.saved_model,
+        out = export_saved_model(generator, runs.export_path(run, args.out),
                                  textgen.serving_sample(list(settings["vocabulary"])))
         print(f"exported {out}")
     return 0
@@ -318,8 +362,11 @@ def textgen_config(settings: dict):
 def textgen_train(args: argparse.Namespace) -> int:
     from apps.nlp import data as nlp_data
 
-    preset = resolve_textgen_preset(args)
-    print(f"model: preset {preset}{' (auto)' if args.preset == 'auto' else ''}: "
+    preset = resolve_textgen_preset(
+        args, _trained_textgen_choices(args.run_dir) if args.resume else None)
+    shown = preset if preset == "as trained" else f"preset {preset}" + (
+        " (auto)" if args.preset == "auto" else "")
+    print(f"model: {shown}: "
           f"{args.layers} x LSTM({args.units}), dropout {args.dropout:g}, Adam "
           f"{args.learning_rate:g} ({args.lr_schedule})", flush=True)
 
@@ -432,6 +479,10 @@ def sentiment_handle(args: argparse.Namespace) -> int:
             print(f"  {cm[0][0]:6d} {cm[0][1]:6d}\n  {cm[1][0]:6d} {cm[1][1]:6d}")
     elif args.command == "predict":
         texts = list(args.texts)
+        blank = [i for i, text in enumerate(texts, 1) if not text.strip()]
+        if blank:  # a model scores "" too (about 0.5), which would look like an answer
+            raise UserError(f"text {blank[0]} of the arguments is empty; give the texts to "
+                            "classify, or --file PATH")
         if args.file:
             raw = nlp_data.read_bytes(args.file, "--file")
             text = nlp_data.decode(raw, args.encoding or "utf-8", f"--file {args.file}")
@@ -455,7 +506,7 @@ def sentiment_handle(args: argparse.Namespace) -> int:
         from common.export import export_saved_model
 
         out = export_saved_model(sentiment.Serving(run.load_model(compile=False)),
-                                 args.out or run.saved_model, sentiment.serving_sample())
+                                 runs.export_path(run, args.out), sentiment.serving_sample())
         print(f"exported {out}")
     return 0
 

@@ -7,8 +7,10 @@ except the TFDS loaders (and they import it lazily).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,16 +47,29 @@ def read_bytes(path: str | Path, flag: str = "--data") -> bytes:
                         f"{MAX_FILE_BYTES // 2**20} MB for one file; use a part of it")
     data = path.read_bytes()
     if not data.strip():
-        raise UserError(f"{flag} {path}: the file is empty")
+        raise UserError(f"{flag} {path}: the file is empty" if not data
+                        else f"{flag} {path}: the file is empty (only white space)")
     return data
 
 
 def decode(data: bytes, encoding: str, where: str) -> str:
-    """`data` decoded, or a `UserError` saying where it failed and which flag helps."""
+    """`data` decoded, or a `UserError` saying where it failed and which flag helps.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped; a UTF-16 one
+    under another encoding is an error naming utf-16, since an 8-bit
+    encoding would "decode" it into text interleaved with NUL characters.
+    """
     try:
-        return data.decode(encoding)
+        utf = codecs.lookup(encoding).name
     except LookupError:
         raise UserError(f"--encoding {encoding}: unknown encoding") from None
+    if utf == "utf-8" and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if not utf.startswith("utf-16") and data.startswith((codecs.BOM_UTF16_LE,
+                                                          codecs.BOM_UTF16_BE)):
+        raise UserError(f"{where}: starts with a UTF-16 byte-order mark; pass --encoding utf-16")
+    try:
+        return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(
@@ -246,18 +261,32 @@ def load_csv(path: Path, text_col: str, label_col: str, encoding: str,
     text = decode(read_bytes(path), encoding, f"--data {path}")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = reader.fieldnames or []
+    if text_col == label_col:
+        raise UserError(f"--data {path}: --text-col and --label-col both name '{text_col}'; "
+                        "the label would be part of the input")
     for flag, col in (("--text-col", text_col), ("--label-col", label_col)):
         if col not in columns:
             raise UserError(f"--data {path}: no column '{col}' (columns: {', '.join(columns)}); "
                             f"name the right one with {flag}")
-    texts, raw = [], []
+    texts, raw, blank = [], [], []
     for row in reader:
         if row.get(text_col) is None or row.get(label_col) is None:
             raise UserError(f"--data {path}: line {reader.line_num} has too few fields")
+        if None in row:  # DictReader's key for fields beyond the header's
+            raise UserError(f"--data {path}: line {reader.line_num} has more fields than the "
+                            f"header's {len(columns)}; put texts that contain commas in "
+                            "double quotes")
+        if not row[text_col].strip():  # nothing to learn from; keeping it would teach a bias
+            blank.append(reader.line_num)
+            continue
         texts.append(row[text_col])
         raw.append(row[label_col].strip())
+    if blank:
+        print(f"warning: --data {path}: skipped {len(blank)} row(s) whose '{text_col}' is "
+              f"empty (first at line {blank[0]})", file=sys.stderr)
     if not texts:
-        raise UserError(f"--data {path}: the CSV has a header but no rows")
+        raise UserError(f"--data {path}: the CSV has a header but no rows"
+                        + (" with text" if blank else ""))
     labels = binary_labels(raw, f"--data {path} column '{label_col}'", positive_label)
     return Labelled(texts, labels)
 

@@ -21,6 +21,7 @@ from typing import Any
 from common.cli import (
     add_members_flag,
     build_parser,
+    dropout_rate,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -187,7 +188,7 @@ def _model_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
                         help="stacked LSTM layers")
     parser.add_argument("--unidirectional", action="store_true",
                         help="forward LSTMs only (default: bidirectional)")
-    parser.add_argument("--dropout", type=non_negative_float, default=0.2,
+    parser.add_argument("--dropout", type=dropout_rate, default=0.2,
                         help="dropout after every LSTM layer")
 
 
@@ -228,6 +229,9 @@ def _feature_config(args: argparse.Namespace, layout: str):
                         f"{rate} Hz")
     if cfg.n_mfcc > cfg.n_mels:
         raise UserError(f"--n-mfcc {cfg.n_mfcc}: at most --n-mels ({cfg.n_mels})")
+    if getattr(args, "freq_masks", 0) and args.freq_mask_width >= cfg.n_mfcc:  # train only
+        raise UserError(f"--freq-mask-width {args.freq_mask_width}: must be smaller than "
+                        f"--n-mfcc ({cfg.n_mfcc}), or a band could mask every coefficient")
     return cfg
 
 
@@ -522,7 +526,7 @@ def words_export(args: argparse.Namespace) -> int:
     model = _load_model(run)
     sample = _synthetic_waves(feat_cfg.sample_rate)
     out = export_saved_model(WordServing(model, feat_cfg, settings["labels"]),
-                             args.out or run.saved_model, sample)
+                             runs.export_path(run, args.out), sample)
     print(f"exported {out}")
     return 0
 
@@ -783,7 +787,7 @@ def digits_export(args: argparse.Namespace) -> int:
     _, feat_cfg = _saved_settings(run)
     model = _load_model(run)
     out = export_saved_model(DigitServing(model, feat_cfg, args.beam_width),
-                             args.out or run.saved_model, _synthetic_waves(feat_cfg.sample_rate))
+                             runs.export_path(run, args.out), _synthetic_waves(feat_cfg.sample_rate))
     print(f"exported {out}")
     return 0
 
