@@ -464,20 +464,20 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
 
 
 def _discard_unstarted(run: RunDir) -> None:
-    """Empty a NEW run that failed before its first checkpoint, keeping only the lock.
+    """Remove what `open_run` made for a NEW run that failed before it had a result.
 
     Nothing in it can be resumed, and leaving its config.json would make the
-    corrected command fail with "already holds a run". The folder held
-    nothing but the lock when the run began (`_check_owner`); the lock file
-    stays, as `RunLock` requires.
+    corrected command fail with "already holds a run". Only `open_run`'s own
+    config.json, logs/ and checkpoints/ go, and only while no result exists
+    (no metrics.json, model.keras or cv.json: a cross-validation or ensemble
+    run writes those without checkpoints); the lock file stays, as
+    `RunLock` requires, and anything else in the folder is left alone.
     """
-    for entry in run.root.iterdir():
-        if entry.name == ".lock":
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    if any((run.root / name).exists() for name in ("metrics.json", "model.keras", "cv.json")):
+        return
+    shutil.rmtree(run.logs, ignore_errors=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    run.config.unlink(missing_ok=True)
 
 
 _MISSING = object()

@@ -473,7 +473,7 @@ for _task in ("words", "digits"):
           error("must be smaller than --n-mfcc \\(13\\)"))
     def _(tmp, runs, task=_task):
         argv = run_args(task, "train", tmp / "new_run", tmp, runs)
-        return [*argv, "--freq-mask-width", "13"], "--freq-mask-width 13"
+        return [*argv, "--freq-masks", "2", "--freq-mask-width", "7"], "--freq-mask-width 7"
 
 
 # -- nlp ----------------------------------------------------------------------------

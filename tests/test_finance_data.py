@@ -114,7 +114,8 @@ def rewrite_dates(path, fmt: str):
     return path
 
 
-@pytest.mark.parametrize("fmt", ["%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%b-%Y"])
+@pytest.mark.parametrize("fmt", ["%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%b-%Y", "%m/%d/%y",
+                                 "%d/%m/%y", "%Y-%m-%d 00:00:00-05:00"])
 def test_one_date_format_per_file_day_or_month_first(tmp_path, capsys, fmt):
     # Day-first files begin with dates that also read month-first (04/01/2010):
     # a per-date guess would scramble them; the whole file decides.
@@ -130,11 +131,29 @@ def test_mixed_or_ambiguous_date_formats_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"line 30, column 'date': cannot parse date "
                                         r"'01/31/2010' \(expected one format"):
         load(path)
-    path = rewrite_dates(ohlcv_csv(tmp_path / "short.csv", rows=40), "%d/%m/%Y")
-    lines = path.read_text().splitlines()  # keep the days 1-12 of each month only
-    path.write_text("\n".join([lines[0], *(r for r in lines[1:] if int(r[:2]) <= 12)]) + "\n")
+    # Two dates that read both ways, each reading in order: nothing can decide.
+    path = tmp_path / "two.csv"
+    path.write_text("date,open,high,low,close,volume\n01/02/2010,1,2,0.5,1,100\n"
+                    "02/01/2010,1,2,0.5,1,100\n")
     with pytest.raises(UserError, match=r"reads both as %m/%d/%Y and as %d/%m/%Y"):
         load(path, window=5, vol_window=2)
+
+
+def test_monthly_dates_on_the_first_and_time_zones(tmp_path):
+    # 1/1, 2/1, ... 12/1 reads day-first too (12 days, then a year's jump):
+    # the regular, monthly reading wins.
+    path = tmp_path / "monthly.csv"
+    days = [f"{m}/1/{y}" for y in range(2015, 2020) for m in range(1, 13)]
+    path.write_text("date,value\n" + "".join(f"{d},{i + 1}\n" for i, d in enumerate(days)))
+    _, series = load(path, target="value", window=5, vol_window=2)
+    assert str(series[0].dates[1])[:10] == "2015-02-01"
+    # yfinance's offsets change with daylight saving time: the local date is kept.
+    path = rewrite_dates(ohlcv_csv(tmp_path / "tz.csv", rows=200), "%Y-%m-%d 00:00:00-05:00")
+    lines = path.read_text().splitlines()
+    lines[100:] = [line.replace("-05:00", "-04:00") for line in lines[100:]]
+    path.write_text("\n".join(lines) + "\n")
+    _, iso = load(ohlcv_csv(tmp_path / "iso.csv"))
+    assert np.array_equal(load(path)[1][0].dates, iso[0].dates)
 
 
 def test_unsorted_dates_are_sorted_with_a_warning(tmp_path, capsys):

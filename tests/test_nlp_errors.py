@@ -118,6 +118,11 @@ def test_csv_encodings_excel_bom_and_utf16(tmp_path):
             nlp_data.load_csv(utf16, "review", "sentiment", encoding)
     assert nlp_data.load_csv(utf16, "review", "sentiment", "utf-16").texts == ["great fun",
                                                                              "dull"]
+    utf32 = tmp_path / "utf32.csv"  # its mark begins with UTF-16's
+    utf32.write_bytes(rows.encode("utf-32"))
+    with pytest.raises(UserError, match="UTF-32 byte-order mark; pass --encoding utf-32"):
+        nlp_data.load_csv(utf32, "review", "sentiment", "utf-16")
+    assert nlp_data.load_csv(utf32, "review", "sentiment", "utf-32").texts[1] == "dull"
 
 
 def test_unquoted_commas_make_extra_fields(tmp_path):
@@ -126,6 +131,8 @@ def test_unquoted_commas_make_extra_fields(tmp_path):
     with pytest.raises(UserError, match="line 3 has more fields than the header's 2; put "
                                         "texts that contain commas in double quotes"):
         nlp_data.load_csv(path, "review", "sentiment", "utf-8")
+    path.write_text("review,sentiment\ngreat,positive,\ndull,negative, \n")  # empty extras
+    assert nlp_data.load_csv(path, "review", "sentiment", "utf-8").texts == ["great", "dull"]
 
 
 def test_blank_texts_are_skipped_with_a_warning(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """sentiment: train -> evaluate -> predict -> export, the polarity loader, CV, metrics."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -45,6 +47,26 @@ def test_evaluate_json(run_dir, capsys):
     assert cm.sum() == metrics["examples"] == 32
     assert metrics["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     assert 0.0 <= metrics["roc_auc"] <= 1.0
+
+
+def test_evaluate_refuses_data_that_no_longer_gives_the_trained_split(run_dir, tmp_path,
+                                                                      capsys):
+    # The test split is redrawn from the data file: after the file changed,
+    # former training rows could be scored as test.
+    from apps.nlp import data as nlp_data
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    grown = tmp_path / "grown.csv"
+    grown.write_text(nlp_data.SENTIMENT_SAMPLE.read_text() + "a late review,positive\n" * 20)
+    config = json.loads((copy / "config.json").read_text())
+    config["app_settings"]["data"] = str(grown)
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["sentiment", "evaluate", "--run-dir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"now gives \{.*'test': 34.*\} examples, not the \{.*'test': 32.*\} it "
+                     "was trained on", err), err
+    assert "pass --data to score a file as a whole" in err
 
 
 def test_predict_strings_and_file(run_dir, tmp_path, capsys):

@@ -76,25 +76,21 @@ def test_preset_fills_only_the_flags_left_unset(flags, preset, expected):
             args.lr_schedule) == expected
 
 
-def test_a_resumed_run_keeps_what_it_was_trained_with(run_dir):
-    # Resuming a 60-minute run with a 10-minute budget must not switch presets
-    # (the weights and the optimizer's schedule would no longer fit).
-    from apps.nlp.__main__ import (
-        _trained_textgen_choices,
-        make_parser,
-        resolve_textgen_preset,
-    )
-
-    trained = _trained_textgen_choices(str(run_dir))
-    assert trained == {"units": 16, "layers": 1, "dropout": 0.0, "learning_rate": 3e-3,
-                       "lr_schedule": "constant"}
-    large = {"units": 512, "layers": 2, "dropout": 0.25, "learning_rate": 2e-3,
-             "lr_schedule": "cosine"}
-    args = make_parser().parse_args(["textgen", "train", "--run-dir", "r", "--resume",
-                                     "--max-minutes", "10", "--dropout", "0.1"])
-    assert resolve_textgen_preset(args, large) == "as trained"
-    assert (args.units, args.layers, args.dropout, args.lr_schedule) == (512, 2, 0.1, "cosine")
-    assert _trained_textgen_choices(str(run_dir.parent / "no-such-run")) == {}
+def test_a_resumed_run_keeps_what_it_was_trained_with(tmp_path, small_text, capsys):
+    # Resuming with an hour's budget must not switch a small run to the large
+    # preset (other weight shapes, another schedule): --preset auto follows the run.
+    run = tmp_path / "run"
+    assert main(["textgen", "train", "--run-dir", str(run), "--data", str(small_text),
+                 *TINY]) == 0
+    assert TINY[2:4] == ["--units", "16"]
+    without_units = TINY[:2] + TINY[4:]
+    assert main(["textgen", "train", "--run-dir", str(run), "--data", str(small_text),
+                 "--resume", "--max-minutes", "60", *without_units, "--epochs", "2"]) == 0
+    assert "model: as trained: 1 x LSTM(16), dropout 0, Adam 0.003 (constant)" in \
+        capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["app_settings"]["units"] == 16 and config["resumed"] == 1
+    assert config["training"]["lr_schedule"] == "constant"
 
 
 def test_evaluate_json_reports_nats_and_bits(run_dir, capsys):

@@ -260,39 +260,68 @@ def load_file(path: Path, settings: Settings) -> Series:
     return Series(name=path.name.split(".")[0], path=str(path), dates=day, values=values)
 
 
+# Tried when a file's first date is no format pandas can guess (two-digit years).
+SHORT_YEAR_FORMATS = ("%m/%d/%y", "%d/%m/%y", "%d.%m.%y", "%m-%d-%y", "%d-%m-%y")
+# A time zone offset after a time of day (yfinance writes 2010-01-04 00:00:00-05:00):
+# dropped, so the local trading date stays and summer/winter offsets do not mix.
+TZ_SUFFIX = r"(?<=\d:\d\d)(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:?\d\d)$"
+
+
 def _parse_dates(path, raw: pandas.Series, lines: np.ndarray, date_col: str) -> pandas.Series:
     """The file's dates, read with ONE format: ISO 8601, or the format of its first date.
 
     A per-value guess ("mixed") would read 12/11/2014 as December and
     13/11/2014 as November in the same file and scramble the series. A first
     date that reads both ways (12/11/2014) is settled by the rest of the file:
-    exactly one of month-first and day-first must read every date.
+    the month-first or day-first reading that parses every date wins; if both
+    do, the one that puts the rows in date order (a monthly series dated on
+    the 1st) wins.
     """
     import pandas as pd
     from pandas.tseries.api import guess_datetime_format
 
-    iso = pd.to_datetime(raw, errors="coerce", format="ISO8601")
+    def read(fmt: str) -> pd.Series:
+        try:
+            return pd.to_datetime(raw, errors="coerce", format=fmt)
+        except (ValueError, TypeError):  # e.g. offsets pandas refuses to mix
+            return pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
+
+    raw = raw.str.replace(TZ_SUFFIX, "", regex=True)
+    iso = read("ISO8601")
     if iso.notna().all():
         return iso
     first = raw.iloc[0] if len(raw) else ""
     with warnings.catch_warnings():  # pandas warns when dayfirst and the format disagree
         warnings.simplefilter("ignore", UserWarning)
-        formats = list(dict.fromkeys(f for f in (guess_datetime_format(first),
-                                                 guess_datetime_format(first, dayfirst=True))
-                                     if f))
-    readings = {f: pd.to_datetime(raw, errors="coerce", format=f) for f in formats}
-    whole = [f for f, dates in readings.items() if dates.notna().all()]
-    if len(whole) == 1:
-        return readings[whole[0]]
-    if len(whole) > 1:
+        guessed = (guess_datetime_format(first), guess_datetime_format(first, dayfirst=True))
+    formats = list(dict.fromkeys(f for f in guessed if f)) or list(SHORT_YEAR_FORMATS)
+    readings = {f: read(f) for f in formats}
+    whole = {f: d for f, d in readings.items() if d.notna().all()}
+    distinct = list({tuple(d.to_numpy().tolist()): f for f, d in whole.items()}.values())
+    if len(distinct) > 1:
+        # Both readings parse every date: the one whose dates come in order and
+        # at regular steps is the file's (month-first 1/1, 2/1, ... 12/1 is
+        # monthly; day-first it would be 12 days and then a jump of a year).
+        def irregularity(f: str) -> float:
+            dates = whole[f].to_numpy()
+            if not (whole[f].is_monotonic_increasing or whole[f].is_monotonic_decreasing):
+                return np.inf
+            gaps = np.abs(np.diff(dates).astype("timedelta64[s]").astype(np.float64))
+            return float(gaps.std() / gaps.mean()) if len(gaps) > 1 and gaps.mean() else np.inf
+
+        score = sorted((irregularity(f), f) for f in distinct)
+        if score[0][0] < np.inf and score[0][0] < 0.5 * score[1][0]:
+            return whole[score[0][1]]
         raise UserError(f"{path}: column '{date_col}': every date reads both as "
-                        f"{' and as '.join(whole)} (e.g. '{first}'); write the dates as "
+                        f"{' and as '.join(distinct)} (e.g. '{first}'); write the dates as "
                         "YYYY-MM-DD")
+    if distinct:
+        return whole[distinct[0]]
     # Report the first date the most successful reading (or ISO 8601) cannot parse.
     best = max(readings.values(), key=lambda d: int(d.notna().sum()), default=iso)
     i = int(np.flatnonzero(best.isna().to_numpy())[0])
     expected = ("one format for all of a file's dates: ISO 8601 such as 2017-11-10, or the "
-                f"format of its first date '{first}'") if formats else "e.g. 2017-11-10"
+                f"format of its first date '{first}'") if any(guessed) else "e.g. 2017-11-10"
     raise UserError(f"{path}: line {lines[i]}, column '{date_col}': cannot parse date "
                     f"'{raw.iloc[i]}' (expected {expected})")
 

@@ -462,7 +462,17 @@ def sentiment_handle(args: argparse.Namespace) -> int:
                                               positive_label=args.positive_label)
         else:
             saved = argparse.Namespace(**settings["loader"])
-            test = load_sentiment_splits(saved, settings["data"], settings["split_seed"])[2]
+            splits = load_sentiment_splits(saved, settings["data"], settings["split_seed"])
+            test = splits[2]
+            # The split is redrawn from the data: if the file (or how it is read)
+            # changed since training, former training rows could be scored as test.
+            sizes = {"train": len(splits[0]), "validation": len(splits[1]), "test": len(test)}
+            trained = settings.get("examples")
+            if trained and trained != sizes:
+                raise UserError(f"--run-dir {run.root}: its data {settings['data']} now gives "
+                                f"{sizes} examples, not the {trained} it was trained on (the "
+                                "file changed, or rows are now skipped), so the test split "
+                                "cannot be rebuilt; pass --data to score a file as a whole")
         from apps.nlp import sentiment
 
         model = run.load_model(compile=False)

@@ -65,9 +65,14 @@ def decode(data: bytes, encoding: str, where: str) -> str:
         raise UserError(f"--encoding {encoding}: unknown encoding") from None
     if utf == "utf-8" and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
-    if not utf.startswith("utf-16") and data.startswith((codecs.BOM_UTF16_LE,
-                                                          codecs.BOM_UTF16_BE)):
-        raise UserError(f"{where}: starts with a UTF-16 byte-order mark; pass --encoding utf-16")
+    for family, marks in (("utf-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+                          ("utf-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))):
+        # UTF-32-LE's mark begins with UTF-16-LE's: checked first.
+        if data.startswith(marks):
+            if not utf.startswith(family):
+                raise UserError(f"{where}: starts with a {family.upper()} byte-order mark; "
+                                f"pass --encoding {family}")
+            break
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -272,7 +277,7 @@ def load_csv(path: Path, text_col: str, label_col: str, encoding: str,
     for row in reader:
         if row.get(text_col) is None or row.get(label_col) is None:
             raise UserError(f"--data {path}: line {reader.line_num} has too few fields")
-        if None in row:  # DictReader's key for fields beyond the header's
+        if any(extra.strip() for extra in row.get(None, ())):  # fields beyond the header's
             raise UserError(f"--data {path}: line {reader.line_num} has more fields than the "
                             f"header's {len(columns)}; put texts that contain commas in "
                             "double quotes")

@@ -229,9 +229,11 @@ def _feature_config(args: argparse.Namespace, layout: str):
                         f"{rate} Hz")
     if cfg.n_mfcc > cfg.n_mels:
         raise UserError(f"--n-mfcc {cfg.n_mfcc}: at most --n-mels ({cfg.n_mels})")
-    if getattr(args, "freq_masks", 0) and args.freq_mask_width >= cfg.n_mfcc:  # train only
-        raise UserError(f"--freq-mask-width {args.freq_mask_width}: must be smaller than "
-                        f"--n-mfcc ({cfg.n_mfcc}), or a band could mask every coefficient")
+    masks = getattr(args, "freq_masks", 0)  # train only
+    if masks and masks * args.freq_mask_width >= cfg.n_mfcc:
+        raise UserError(f"--freq-masks {masks} x --freq-mask-width {args.freq_mask_width}: "
+                        f"must be smaller than --n-mfcc ({cfg.n_mfcc}), or the bands could "
+                        "mask every coefficient")
     return cfg
 
 
