@@ -456,7 +456,7 @@ def open_run(run_dir: str | os.PathLike, *, app: str, task: str,
         try:
             yield run
         except BaseException:
-            if existing is None and not any(run.checkpoints.rglob("*")):
+            if existing is None:
                 _discard_unstarted(run)
             raise
     finally:
@@ -469,15 +469,31 @@ def _discard_unstarted(run: RunDir) -> None:
     Nothing in it can be resumed, and leaving its config.json would make the
     corrected command fail with "already holds a run". Only `open_run`'s own
     config.json, logs/ and checkpoints/ go, and only while no result exists
-    (no metrics.json, model.keras or cv.json: a cross-validation or ensemble
-    run writes those without checkpoints); the lock file stays, as
-    `RunLock` requires, and anything else in the folder is left alone.
+    (no checkpoint, and no metrics.json, model.keras or cv.json: a
+    cross-validation or ensemble run writes those without checkpoints); the
+    lock file stays, as `RunLock` requires, and anything else in the folder
+    is left alone.
     """
-    if any((run.root / name).exists() for name in ("metrics.json", "model.keras", "cv.json")):
+    results = ("metrics.json", "model.keras", "cv.json")
+    if any(run.checkpoints.rglob("*")) or any((run.root / n).exists() for n in results):
         return
     shutil.rmtree(run.logs, ignore_errors=True)
     shutil.rmtree(run.checkpoints, ignore_errors=True)
     run.config.unlink(missing_ok=True)
+
+
+def stored_config(run_dir: str | os.PathLike, *, app: str, task: str) -> dict[str, Any] | None:
+    """The config.json of `run_dir` if it holds `app`'s `task` run, else None.
+
+    None for a folder with no run yet, and for another app's or task's run
+    (which `open_run` refuses with its own message): for the checks a
+    `--resume` makes before anything is opened.
+    """
+    path = RunDir(Path(run_dir).absolute()).config
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    return config if (config.get("app"), config.get("task")) == (app, task) else None
 
 
 _MISSING = object()
@@ -493,11 +509,8 @@ def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any], 
     written. A run with no config yet, or another app's or task's (which
     `open_run` refuses), passes.
     """
-    run = RunDir(Path(run_dir).absolute())
-    if not run.config.is_file():
-        return
-    config = read_json(run.config)
-    if (config.get("app"), config.get("task")) != (app, task):
+    config = stored_config(run_dir, app=app, task=task)
+    if config is None:
         return
     for key, value in settings.items():
         stored: Any = config.get("app_settings") or {}
@@ -505,9 +518,9 @@ def check_resume_settings(run_dir: str | os.PathLike, settings: dict[str, Any], 
             stored = stored.get(part, _MISSING) if isinstance(stored, dict) else _MISSING
         value = json.loads(json.dumps(value, default=jsonable))  # tuples as stored: lists
         if stored is not _MISSING and stored != value:
-            raise UserError(f"--resume: {run.root} was trained with {key} = {stored!r}, "
-                            f"this command gives {value!r}; repeat the run's flags to resume "
-                            "it, or choose another --run-dir")
+            raise UserError(f"--resume: {Path(run_dir).absolute()} was trained with {key} = "
+                            f"{stored!r}, this command gives {value!r}; repeat the run's flags "
+                            "to resume it, or choose another --run-dir")
 
 
 def check_resumable(run: RunDir) -> None:

@@ -114,10 +114,7 @@ def _trained_textgen_choices(run_dir: str) -> dict[str, Any]:
     """The preset-controlled values a textgen run was trained with ({} for no run yet)."""
     from common import runs
 
-    path = Path(run_dir) / "config.json"
-    config = runs.read_json(path) if path.is_file() else {}
-    if (config.get("app"), config.get("task")) != (APP, "textgen"):
-        return {}  # open_run refuses it, or it is new
+    config = runs.stored_config(run_dir, app=APP, task="textgen") or {}
     model, training = config.get("app_settings") or {}, config.get("training") or {}
     choices = {key: model[key] for key in ("units", "layers", "dropout") if key in model}
     choices |= {key: training[key] for key in ("learning_rate", "lr_schedule")
