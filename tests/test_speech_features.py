@@ -24,6 +24,22 @@ def test_tf_signal_matches_librosa_on_real_recordings():
         np.testing.assert_allclose(got, want, atol=1e-3, err_msg=str(path))
 
 
+def test_log_mel_floor_in_both_paths():
+    # A higher floor (--floor-db 30) changes the features, and tf.signal still
+    # matches librosa; the default floor keeps the cache key caches already use.
+    cfg = F.FeatureConfig(sample_rate=8000, floor_db=30.0)
+    constants = F.graph_constants(cfg)
+    changed = 0
+    for path in FILES[::9]:
+        y = F.load_audio(path, cfg.sample_rate)
+        want = F.mfcc(y, cfg, name=str(path))
+        np.testing.assert_allclose(F.tf_features(y, cfg, constants).numpy(), want, atol=1e-3,
+                                   err_msg=str(path))
+        changed += not np.allclose(want, F.mfcc(y, CFG), atol=1e-2)
+    assert changed == len(FILES[::9])
+    assert CFG.key() == "847770265378" and cfg.key() != CFG.key()
+
+
 def test_batch_features_match_single_and_trim_padding():
     constants = F.graph_constants(CFG)
     waves = [F.load_audio(p, CFG.sample_rate) for p in FILES[:3]]

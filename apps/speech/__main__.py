@@ -143,6 +143,10 @@ def _feature_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     parser.add_argument("--trim-db", type=positive_float, default=40.0,
                         help="trim leading/trailing audio quieter than this many dB below "
                              "the loudest frame")
+    parser.add_argument("--floor-db", type=positive_float, default=80.0,
+                        help="log-mel values are floored this many dB below the clip's "
+                             "loudest; a lower value makes background noise and "
+                             "microphones matter less")
     parser.add_argument("--no-deltas", action="store_true",
                         help="MFCCs only, without deltas and delta-deltas")
 
@@ -223,7 +227,7 @@ def _feature_config(args: argparse.Namespace, layout: str):
     rate = args.sample_rate or (16000 if layout in ("speech_commands", "tfds") else 8000)
     cfg = FeatureConfig(sample_rate=rate, n_mfcc=args.n_mfcc, window_ms=args.window_ms,
                         hop_ms=args.hop_ms, n_mels=args.n_mels, trim_db=args.trim_db,
-                        deltas=not args.no_deltas)
+                        floor_db=args.floor_db, deltas=not args.no_deltas)
     if cfg.hop < 1 or cfg.n_fft < 16:
         raise UserError(f"--window-ms {args.window_ms} / --hop-ms {args.hop_ms}: too small at "
                         f"{rate} Hz")

@@ -5,8 +5,8 @@ Both paths compute the same thing, step by step:
 1. trim leading/trailing silence: frames (window `n_fft`, hop `hop`) whose RMS
    is more than `trim_db` below the loudest frame are cut (`librosa.effects.trim`);
 2. power spectrogram (periodic Hann window, centred frames, zero padding),
-   Slaney mel filterbank, dB (floored 80 dB below the utterance maximum), DCT-II
-   (orthonormal): `librosa.feature.mfcc`;
+   Slaney mel filterbank, dB floored `floor_db` (80) below the utterance's
+   loudest mel bin, DCT-II (orthonormal): `librosa.feature.mfcc`;
 3. deltas and delta-deltas (Savitzky-Golay, width 9, edge frames repeated:
    `librosa.feature.delta(mode="nearest")`);
 4. per-utterance mean/variance normalisation of every coefficient.
@@ -40,7 +40,6 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
     "lstm-suite" / "mfcc"
 _DELTA_WIDTH = 9
-_TOP_DB = 80.0  # librosa.power_to_db's floor below the maximum
 _AMIN = 1e-10
 
 
@@ -58,6 +57,10 @@ class FeatureConfig:
     hop_ms: float = 10.0
     n_mels: int = 40
     trim_db: float = 40.0  # silence threshold below the loudest frame
+    # Log-mel floor below the loudest bin. Recordings differ most in their quiet
+    # parts (noise floor, microphone, how tightly the clip was cut); a higher
+    # floor makes those parts look alike. 80 is librosa's power_to_db default.
+    floor_db: float = 80.0
     deltas: bool = True  # append deltas and delta-deltas
 
     @property
@@ -80,7 +83,10 @@ class FeatureConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        settings = self.to_dict()
+        if settings["floor_db"] == 80.0:  # caches from before the setting keep their key
+            del settings["floor_db"]
+        return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -- librosa ------------------------------------------------------------------
@@ -144,9 +150,11 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig, *, name: str = "waveform") -> np.nda
     if trimmed.size < cfg.n_fft:
         raise AudioError(f"{name}: silent (less than one {cfg.window_ms:g} ms window above "
                          f"-{cfg.trim_db:g} dB)")
-    coeffs = librosa.feature.mfcc(y=trimmed, sr=cfg.sample_rate, n_mfcc=cfg.n_mfcc,
-                                  n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels,
-                                  window="hann", center=True, pad_mode="constant")
+    mel = librosa.feature.melspectrogram(y=trimmed, sr=cfg.sample_rate, n_fft=cfg.n_fft,
+                                         hop_length=cfg.hop, n_mels=cfg.n_mels, window="hann",
+                                         center=True, pad_mode="constant")
+    coeffs = librosa.feature.mfcc(S=librosa.power_to_db(mel, top_db=cfg.floor_db),
+                                  n_mfcc=cfg.n_mfcc)
     parts = [coeffs]
     if cfg.deltas:
         parts += [librosa.feature.delta(coeffs, width=_DELTA_WIDTH, order=k, mode="nearest")
@@ -300,7 +308,7 @@ def tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
                           pad_end=False)
     mel = tf.matmul(tf.square(tf.abs(stft)), constants["mel"])
     log_mel = 10.0 * _log10(tf.maximum(mel, _AMIN))
-    log_mel = tf.maximum(log_mel, tf.reduce_max(log_mel) - _TOP_DB)
+    log_mel = tf.maximum(log_mel, tf.reduce_max(log_mel) - cfg.floor_db)
     coeffs = tf.signal.dct(log_mel, type=2, norm="ortho")[:, :cfg.n_mfcc]
 
     # 3. deltas
