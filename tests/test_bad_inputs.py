@@ -810,3 +810,18 @@ def test_real_exit_code_and_one_line(app: str, runs: Runs, tmp_path: Path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"{PROGS[app]}: error: "), result.stderr
     assert not INTERNALS.search(result.stderr)
+
+
+def test_a_window_longer_than_every_clip_names_ten_files_then_stops(tmp_path: Path, capfd):
+    """A setting that rules out every recording: ten named warnings and one error, not one
+    warning per file (there are 36 here)."""
+    argv = ["words", "train", "--run-dir", str(tmp_path / "run"), "--cache-dir", "none",
+            "--data", str(fsdd_subset(tmp_path / "d")), *TRAIN_ARGS["words"],
+            "--window-ms", "5000"]
+    assert run_in_process("speech", argv) == 2
+    err = capfd.readouterr().err
+    named = [line for line in err.splitlines() if "shorter than one analysis window" in line]
+    assert len(named) == 10, err[-3000:]
+    check_error_line(err, "speech", "--data", (r"every one of the \d+ train recordings was "
+                                               "skipped",), after_warnings=True)
+    assert not (tmp_path / "run").exists()

@@ -208,5 +208,28 @@ def test_resume_with_another_model_size_or_target_is_refused(tmp_path, capsys):
                            "--target-kind", "price")
     assert code == 2
     assert "trained with data.target_kind = 'return', this command gives 'price'" in err
+    # The same layout with other numbers: refused; the same rows moved elsewhere
+    # (and in CRLF lines) are the run's data.
+    other = tmp_path / "other.csv"
+    lines = SAMPLE.read_text().splitlines()
+    lines[-1] = _bump_close(lines[-1], lines[0])
+    other.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run), "--resume", *TINY,
+                           "--data", str(other))
+    assert code == 2 and "was trained on other data than --data" in err, err
     assert {p: p.read_bytes() for p in run.rglob("*")
             if p.is_file() and p.name != ".lock"} == before
+    moved = tmp_path / "moved" / SAMPLE.name
+    moved.parent.mkdir()
+    moved.write_bytes(SAMPLE.read_bytes().replace(b"\n", b"\r\n"))
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run), "--resume", *TINY,
+                           "--data", str(moved))
+    assert code == 0, err
+
+
+def _bump_close(row: str, header: str) -> str:
+    """`row` with its Close one cent higher."""
+    cells = row.split(",")
+    close = [c.strip().lower() for c in header.split(",")].index("close")
+    cells[close] = f"{float(cells[close]) + 0.01:.6f}"
+    return ",".join(cells)

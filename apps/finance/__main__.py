@@ -128,6 +128,20 @@ def handle(args: argparse.Namespace) -> int:
             "export": export}[args.command](args)
 
 
+def _check_resume_data(run_dir: str, data_path: Path, fingerprint: str) -> None:
+    """Refuse to resume on other rows: the split, scalers and baselines were fitted on
+    the run's data. (Runs from before the fingerprint are not checked.)"""
+    from common import runs
+
+    config = runs.stored_config(run_dir, app=APP, task=TASK)
+    stored = (config or {}).get("app_settings", {}).get("data_fingerprint")
+    if stored is not None and stored != fingerprint:
+        raise UserError(f"--resume: {Path(run_dir).absolute()} was trained on other data than "
+                        f"--data {data_path} holds (trained on {config.get('data')}; the "
+                        "tickers, dates or values differ); resume with the run's data, or "
+                        "choose another --run-dir")
+
+
 def train(args: argparse.Namespace) -> int:
     from apps.finance import data as D
 
@@ -150,6 +164,9 @@ def train(args: argparse.Namespace) -> int:
             args.run_dir, {f"data.{key}": value for key, value in settings.to_json().items()
                            if key != "cut_dates"}, app=APP, task=TASK)
     series = D.load_series(data_path, settings)
+    fingerprint = D.fingerprint(series)
+    if args.resume:
+        _check_resume_data(args.run_dir, data_path, fingerprint)
     settings = dataclasses.replace(settings, cut_dates=D.cut_dates(series, settings))
     parts = D.split(series, settings)
 
@@ -170,7 +187,8 @@ def train(args: argparse.Namespace) -> int:
         return w.x, {"point": z, "quantiles": z}
 
     stats = evaluation.train_stats(parts["train"], kind)
-    app_settings = {"data": settings.to_json(), "target_scale": scale, "feature_scaler": scaler,
+    app_settings = {"data": settings.to_json(), "data_fingerprint": fingerprint,
+                    "target_scale": scale, "feature_scaler": scaler,
                     "model": hparams, "baseline_stats": stats,
                     "examples": {k: len(v) for k, v in parts.items()}}
     print(f"data: {data_path} ({len(series)} file(s)); examples train "

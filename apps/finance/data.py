@@ -412,6 +412,19 @@ def load_series(path: str | Path, settings: Settings) -> list[Series]:
     return series
 
 
+def fingerprint(series: list[Series]) -> str:
+    """A digest of what was read (tickers, dates, values): equal for the same data
+    in another place or file encoding, different for other rows or numbers."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for s in series:
+        digest.update(s.name.encode() + b"\0")
+        digest.update(s.dates.astype("datetime64[D]").astype(np.int64).tobytes())
+        digest.update(np.ascontiguousarray(s.values, np.float64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------
 # Splitting and windows
 # ---------------------------------------------------------------------------

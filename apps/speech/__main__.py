@@ -328,6 +328,10 @@ def words_train(args: argparse.Namespace) -> int:
     for split in data.SPLITS:
         feats[split] = data.clip_features(splits[split], cache, strict=args.strict,
                                           what=f"{split} recordings")
+        if splits[split] and not feats[split][1]:
+            raise UserError(f"--data {args.data or data.SAMPLES}: every one of the "
+                            f"{len(splits[split])} {split} recordings was skipped (the "
+                            "warnings above say why)")
     # Speed-perturbed copies of every training clip; each epoch draws one version
     # (original or a perturbed one) per clip, so an epoch costs the same.
     variants = [data.clip_features(feats["train"][1], cache, strict=False, speed=f,
@@ -590,10 +594,11 @@ def _utterance_features(utterances, cache, strict: bool, speeds=(), seed: int = 
     import keras
     import numpy as np
 
+    from apps.speech.data import SkipWarnings
     from apps.speech.features import AudioError
 
     factors = np.random.default_rng(seed).choice([1.0, *speeds], size=len(utterances))
-    out, kept = [], []
+    out, kept, skips = [], [], SkipWarnings()
     bar = keras.utils.Progbar(len(utterances), unit_name="utterance",
                               verbose=1 if sys.stdout.isatty() else 2)
     for i, u in enumerate(utterances):
@@ -604,7 +609,7 @@ def _utterance_features(utterances, cache, strict: bool, speeds=(), seed: int = 
         except AudioError as exc:
             if strict:
                 raise
-            print(f"warning: skipped {exc}", file=sys.stderr)
+            skips.add(exc)
         bar.update(i + 1)
     return out, kept
 

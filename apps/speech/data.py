@@ -192,6 +192,26 @@ def split_clips(clips: Sequence[Clip], *, test_speakers: Sequence[str] = (),
 # -- features -------------------------------------------------------------------------
 
 
+class SkipWarnings:
+    """Warns about the first `shown` skipped recordings, then only counts.
+
+    A setting that rules out every file (e.g. an analysis window longer than
+    the clips) would otherwise print one line per file before its error.
+    """
+
+    def __init__(self, shown: int = 10):
+        self.shown = shown
+        self.count = 0
+
+    def add(self, exc: AudioError) -> None:
+        self.count += 1
+        if self.count <= self.shown:
+            print(f"warning: skipped {exc}", file=sys.stderr)
+        elif self.count == self.shown + 1:
+            print(f"warning: more recordings skipped; only the first {self.shown} are named",
+                  file=sys.stderr)
+
+
 def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = False,
                   what: str = "recordings", speed: float = 1.0,
                   ) -> tuple[list[np.ndarray], list[Clip]]:
@@ -205,7 +225,7 @@ def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = 
     """
     import keras
 
-    features, kept, bad = [], [], []
+    features, kept, skips = [], [], SkipWarnings()
     bar = (keras.utils.Progbar(len(clips), unit_name="clip",
                                 verbose=1 if sys.stdout.isatty() else 2)
            if len(clips) > 200 else None)
@@ -216,12 +236,11 @@ def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = 
         except AudioError as exc:
             if strict:
                 raise
-            bad.append(str(exc))
-            print(f"warning: skipped {exc}", file=sys.stderr)
+            skips.add(exc)
         if bar is not None:
             bar.update(i + 1)
-    if bad:
-        print(f"warning: skipped {len(bad)} of {len(clips)} {what} that could not be used "
+    if skips.count:
+        print(f"warning: skipped {skips.count} of {len(clips)} {what} that could not be used "
               "(--strict stops at the first)", file=sys.stderr)
     return features, kept
 
@@ -275,6 +294,7 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
     if not speakers:
         raise UserError("no digit recordings (labels 0-9) to build connected digits from")
     audio_cache: dict[str, np.ndarray | None] = {}
+    skips = SkipWarnings()
 
     def audio(clip: Clip) -> np.ndarray | None:
         if clip.name not in audio_cache:
@@ -292,7 +312,7 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
             except AudioError as exc:
                 if strict:
                     raise
-                print(f"warning: skipped {exc}", file=sys.stderr)
+                skips.add(exc)
                 audio_cache[clip.name] = None
         return audio_cache[clip.name]
 
