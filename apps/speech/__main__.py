@@ -143,10 +143,10 @@ def _feature_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     parser.add_argument("--trim-db", type=positive_float, default=40.0,
                         help="trim leading/trailing audio quieter than this many dB below "
                              "the loudest frame")
-    parser.add_argument("--floor-db", type=positive_float, default=80.0,
+    parser.add_argument("--floor-db", type=positive_float, default=60.0,
                         help="log-mel values are floored this many dB below the clip's "
-                             "loudest; a lower value makes background noise and "
-                             "microphones matter less")
+                             "loudest, so that the quietest parts (background noise, "
+                             "microphone) matter less; 80 is librosa's own floor")
     parser.add_argument("--no-deltas", action="store_true",
                         help="MFCCs only, without deltas and delta-deltas")
 
