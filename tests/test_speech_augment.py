@@ -54,19 +54,6 @@ def test_shape_padding_and_seeded_determinism():
         assert np.all(x[length:] == 0)
 
 
-def test_end_shift_only_shortens_from_the_end():
-    xs = np.stack([_example(i) for i in range(16)])
-    out = _run(augment_fn(0, 0.0, 0, 0.0, end_shift=6), xs, seed=4)
-    lengths = []
-    for x, original in zip(out, xs):
-        length = int(np.any(x != 0, axis=-1).sum())
-        lengths.append(length)
-        assert LENGTH - 6 <= length <= LENGTH
-        np.testing.assert_array_equal(x[:length], original[:length])
-        assert np.all(x[length:] == 0)
-    assert min(lengths) < LENGTH  # something was cut
-
-
 def test_frequency_masks_blank_the_same_band_in_every_block():
     xs = np.stack([_example(i) for i in range(32)])
     out = _run(augment_fn(0, 0.0, 0, 0.0, freq_masks=1, freq_mask_width=3, blocks=BLOCKS), xs, 3)

@@ -80,8 +80,6 @@ def make_parser() -> argparse.ArgumentParser:
                        help="augmentation: std of Gaussian noise added to the normalised MFCCs")
     words.add_argument("--shift", type=non_negative_int, default=4,
                        help="augmentation: random time shift of up to this many frames")
-    words.add_argument("--end-shift", type=non_negative_int, default=0,
-                       help="augmentation: drop up to this many trailing frames")
     words.add_argument("--gain", type=non_negative_float, default=0.1,
                        help="augmentation: random gain, features scaled by 1 +/- this")
     digits = commands["digits", "train"]
@@ -203,12 +201,11 @@ def _masking(args: argparse.Namespace) -> dict[str, int]:
             "freq_masks": args.freq_masks, "freq_mask_width": args.freq_mask_width}
 
 
-def _augment(args: argparse.Namespace, feat_cfg, shift: int = 0, end_shift: int = 0):
+def _augment(args: argparse.Namespace, feat_cfg, shift: int = 0):
     """The training-data map function (`augment_fn`) of the augmentation flags."""
     from apps.speech.model import augment_fn
 
-    return augment_fn(args.seed, args.noise, shift, args.gain, end_shift=end_shift,
-                      **_masking(args),
+    return augment_fn(args.seed, args.noise, shift, args.gain, **_masking(args),
                       blocks=3 if feat_cfg.deltas else 1)
 
 
@@ -366,7 +363,7 @@ def words_train(args: argparse.Namespace) -> int:
     train_xy, val_xy, test_xy = arrays("train"), arrays("validation"), arrays("test")
     keras.utils.set_random_seed(args.seed)
     batch = min(args.batch_size, len(train_xy[1]))
-    augment = _augment(args, feat_cfg, shift=args.shift, end_shift=args.end_shift)
+    augment = _augment(args, feat_cfg, shift=args.shift)
     train_ds = tf.data.Dataset.from_tensor_slices(train_xy)
     if variants:
         # (N, versions, frames, dim): the original first, then one per speed factor.
@@ -385,8 +382,7 @@ def words_train(args: argparse.Namespace) -> int:
     settings = {"layout": layout, "features": feat_cfg.to_dict(), "model": vars(model_cfg),
                 "labels": labels, "max_frames": frames, "test_speakers": list(args.test_speakers),
                 "split_seed": args.seed,
-                "augmentation": {"noise": args.noise, "shift": args.shift,
-                                 "end_shift": args.end_shift, "gain": args.gain,
+                "augmentation": {"noise": args.noise, "shift": args.shift, "gain": args.gain,
                                  **_masking(args), "speed": list(args.speed) if variants else []},
                 "examples": {s: len(feats[s][1]) for s in data.SPLITS}}
     print(f"words: {len(labels)} labels, {settings['examples']} examples, {frames} frames of "

@@ -291,15 +291,13 @@ class DigitServing(tf.Module):
 # -- augmentation (tf.data, on cached MFCC frames) ------------------------------------
 
 
-def augment_fn(seed: int, noise: float, shift: int, gain: float, *, end_shift: int = 0,
-               time_masks: int = 0, time_mask_width: int = 0, freq_masks: int = 0,
-               freq_mask_width: int = 0, blocks: int = 1):
+def augment_fn(seed: int, noise: float, shift: int, gain: float, *, time_masks: int = 0,
+               time_mask_width: int = 0, freq_masks: int = 0, freq_mask_width: int = 0,
+               blocks: int = 1):
     """A tf.data map function that perturbs (features, label) training pairs.
 
     Works on the cached, normalised MFCCs (so the cache stays valid): random time
     shift (drop up to `shift` leading frames, the sequence moves left), a random
-    end cut (drop up to `end_shift` trailing frames: recordings are cut more or
-    less tightly around the word), a random
     gain (every feature scaled by a factor in [1 - gain, 1 + gain]), additive
     Gaussian noise of std `noise`, then SpecAugment-style masking (Park et al.,
     2019): `freq_masks` bands of up to `freq_mask_width` coefficients and
@@ -319,9 +317,6 @@ def augment_fn(seed: int, noise: float, shift: int, gain: float, *, end_shift: i
             k = tf.minimum(k, tf.maximum(length - 4, 0))
             x = tf.concat([x[k:], tf.zeros_like(x[:k])], axis=0)
             length = length - k
-        if end_shift > 0:
-            k = tf.random.uniform([], 0, end_shift + 1, dtype=tf.int32)
-            length = length - tf.minimum(k, tf.maximum(length - 4, 0))
         mask = tf.cast(tf.range(frames) < length, x.dtype)[:, None]
         if gain > 0:
             x = x * tf.random.uniform([], 1.0 - gain, 1.0 + gain)
