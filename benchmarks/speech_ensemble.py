@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speech_ensemble.py --seeds 1,2,3
     .venv/bin/python benchmarks/speech_ensemble.py digits --seeds 1,2,3
+    .venv/bin/python benchmarks/speech_ensemble.py loso --seeds 1,2,3
 
 Trains one `words` model per seed on FSDD's official split (indices 0-4 are the
 test clips) through the real command line, with the defaults otherwise. Then it
@@ -18,6 +19,12 @@ generated corpus for every seed), each scored by the app at the end of training,
 then `digits ensemble` (the string the members' mean CTC probability prefers)
 and `digits evaluate --json`. Writes benchmarks/results/speech_ensemble_digits.{txt,json}. Target:
 WER <= 0.05 on the unseen speaker.
+
+``loso`` is leave-one-speaker-out: for every speaker, one `words train
+--test-speakers SPEAKER` per seed, then `words ensemble` and `words evaluate
+--json`; the table has each speaker's members and ensemble and their means.
+Writes benchmarks/results/speech_ensemble_loso.{txt,json}. Target: mean
+accuracy >= 0.95.
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ from speech_quality import DATA, RESULTS, cli  # noqa: E402  (its sibling script
 OFFICIAL_TEST = re.compile(r"^(\d)_([a-z]+)_([0-4])\.wav$")  # FSDD: indices 0-4 are test
 
 
-def train(run_dir: Path, seed: int, args, task: str = "words") -> float:
+def train(run_dir: Path, seed: int, args, task: str = "words", *extra: str) -> float:
     started = time.time()
     cli(task, "train", "--data", str(args.data), "--run-dir", str(run_dir), "--seed",
         str(seed), "--epochs", str(args.epochs), "--max-minutes", str(args.max_minutes),
-        "--cache-dir", str(args.cache_dir))
+        "--cache-dir", str(args.cache_dir), *extra)
     return (time.time() - started) / 60
 
 
@@ -101,11 +108,48 @@ def digits(args, seeds: list[int], stamp: str) -> int:
     return 0
 
 
+def loso(args, seeds: list[int], stamp: str) -> int:
+    speakers = sorted({p.name.split("_")[1] for p in args.data.glob("*_*_*.wav")})
+    rows = []
+    for speaker in speakers:
+        runs = {seed: args.out / f"loso-{speaker}-seed{seed}-{stamp}" for seed in seeds}
+        accuracy = {}
+        for seed, run in runs.items():
+            train(run, seed, args, "words", "--test-speakers", speaker)
+            accuracy[seed] = cli("words", "evaluate", "--run-dir", str(run), "--cache-dir",
+                                 str(args.cache_dir), "--json")["accuracy"]
+        ensemble = args.out / f"loso-{speaker}-ensemble-{stamp}"
+        cli("words", "ensemble", "--run-dir", str(ensemble), "--members",
+            *map(str, runs.values()))
+        scored = cli("words", "evaluate", "--run-dir", str(ensemble), "--cache-dir",
+                     str(args.cache_dir), "--json")
+        rows.append({"left_out": speaker, "test_clips": scored["examples"],
+                     "members": accuracy, "ensemble": scored["accuracy"]})
+        print(rows[-1], flush=True)
+    head = f"{'left out':10} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+    clips = "/".join(sorted({str(r["test_clips"]) for r in rows}))
+    lines = [f"FSDD leave-one-speaker-out accuracy ({clips} test clips each); "
+             "target mean >= 0.95",
+             f"{head} {'ensemble':>8}"]
+    for r in rows:
+        lines.append(f"{r['left_out']:10} " + " ".join(f"{r['members'][s]:7.3f}" for s in seeds)
+                     + f" {r['ensemble']:8.3f}")
+    means = {s: float(np.mean([r["members"][s] for r in rows])) for s in seeds}
+    ensemble_mean = float(np.mean([r["ensemble"] for r in rows]))
+    lines.append(f"{'mean':10} " + " ".join(f"{means[s]:7.3f}" for s in seeds)
+                 + f" {ensemble_mean:8.3f}")
+    write("speech_ensemble_loso", "\n".join(lines),
+          {"seeds": seeds, "rows": rows, "member_means": means, "ensemble_mean": ensemble_mean})
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", nargs="?", choices=("words", "digits"), default="words",
-                        help="words: the official split (default); digits: connected digits")
+    parser.add_argument("task", nargs="?", choices=("words", "digits", "loso"),
+                        default="words",
+                        help="words: the official split (default); digits: connected digits; "
+                             "loso: leave one speaker out, each in turn")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     parser.add_argument("--out", type=Path, default=Path("/tmp/speech_ensemble"))
@@ -120,6 +164,8 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.task == "digits":
         return digits(args, seeds, stamp)
+    if args.task == "loso":
+        return loso(args, seeds, stamp)
     runs = {seed: args.out / f"official-seed{seed}-{stamp}" for seed in seeds}
     minutes = {seed: round(train(run, seed, args), 1) for seed, run in runs.items()}
 
