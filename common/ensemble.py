@@ -9,7 +9,7 @@ that the app's ``evaluate``, ``predict`` and ``export`` treat like any other.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +77,25 @@ def load_members(paths: Sequence[str | os.PathLike], *, app: str, task: str,
     return members
 
 
-def check_shared(members: Sequence[runs.RunDir], keys: Sequence[str], what: str) -> None:
+def check_shared(members: Sequence[runs.RunDir], keys: Sequence[str], what: str,
+                 canonical: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
     """Refuse members whose config.json differ in `data` or in app_settings `keys`.
 
     `what` ends the message: what the members must share, in the app's words.
+    `canonical[key]`, if given, maps a stored value to a comparable one (say,
+    filling in a setting's default that older runs did not store).
     """
+    canonical = canonical or {}
+
+    def value(settings: dict[str, Any], key: str) -> Any:
+        stored = settings.get(key)
+        return canonical[key](stored) if key in canonical and stored is not None else stored
+
     configs = [member.read_config() for member in members]
     first = configs[0].get("app_settings") or {}
     for member, config in zip(members[1:], configs[1:], strict=True):
         settings = config.get("app_settings") or {}
-        differs = [key for key in keys if settings.get(key) != first.get(key)]
+        differs = [key for key in keys if value(settings, key) != value(first, key)]
         if config.get("data") != configs[0].get("data"):
             differs.append("data")
         if differs:

@@ -825,3 +825,16 @@ def test_a_window_longer_than_every_clip_names_ten_files_then_stops(tmp_path: Pa
     check_error_line(err, "speech", "--data", (r"every one of the \d+ train recordings was "
                                                "skipped",), after_warnings=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_digits_whose_every_utterance_is_skipped_stop_with_a_count(tmp_path: Path, capfd):
+    argv = ["digits", "train", "--run-dir", str(tmp_path / "run"), "--cache-dir", "none",
+            "--data", str(fsdd_subset(tmp_path / "d")), *TRAIN_ARGS["digits"],
+            "--window-ms", "5000"]
+    assert run_in_process("speech", argv) == 2
+    err = capfd.readouterr().err
+    assert len([line for line in err.splitlines() if "analysis window" in line]) <= 10, err
+    assert re.search(r"warning: skipped \d+ of \d+ utterances", err), err[-3000:]
+    check_error_line(err, "speech", "utterances", (r"every one of the \d+ utterances was "
+                                                   "skipped",), after_warnings=True)
+    assert not (tmp_path / "run").exists()

@@ -210,7 +210,8 @@ def test_resume_with_another_model_size_or_target_is_refused(tmp_path, capsys):
     assert "trained with data.target_kind = 'return', this command gives 'price'" in err
     # The same layout with other numbers: refused; the same rows moved elsewhere
     # (and in CRLF lines) are the run's data.
-    other = tmp_path / "other.csv"
+    other = tmp_path / "edited" / SAMPLE.name  # the same ticker name: only a value differs
+    other.parent.mkdir()
     lines = SAMPLE.read_text().splitlines()
     lines[-1] = _bump_close(lines[-1], lines[0])
     other.write_text("\n".join(lines) + "\n")

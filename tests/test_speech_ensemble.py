@@ -92,6 +92,36 @@ def test_members_that_do_not_fit_together_are_refused(members, tmp_path, capsys)
     assert "is one of the --members" in capsys.readouterr().err
 
 
+def test_features_are_compared_as_trained(members, tmp_path, capsys):
+    # A run from before --floor-db stored no floor_db: it was trained with 80.
+    # Ensembles and --resume compare what the features were, not the stored keys.
+    root, runs = members
+    before, eighty = tmp_path / "before", tmp_path / "eighty"
+    for source, copy, floor in ((runs[0], before, None), (runs[1], eighty, 80.0)):
+        shutil.copytree(source, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["app_settings"]["features"].pop("floor_db")
+        if floor is not None:
+            config["app_settings"]["features"]["floor_db"] = floor
+        (copy / "config.json").write_text(json.dumps(config))
+    assert main(["words", "ensemble", "--run-dir", str(tmp_path / "same"), "--members",
+                 str(before), str(eighty)]) == 0
+    capsys.readouterr()
+    assert main(["words", "ensemble", "--run-dir", str(tmp_path / "mixed"), "--members",
+                 str(before), str(runs[1])]) == 2
+    assert "in features" in capsys.readouterr().err
+    # --resume with today's default floor (60) would train the old run on other features.
+    kept = {p: p.read_bytes() for p in before.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["words", "train", "--run-dir", str(before), "--resume", "--cache-dir",
+                 str(root / "cache"), "--epochs", "2", "--units", "8", "--layers", "1",
+                 "--batch-size", "16", "--speed", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on other features (floor_db: 80.0 -> 60.0)" in err, err
+    assert "--floor-db 80" in err
+    assert {p: p.read_bytes() for p in before.rglob("*")
+            if p.is_file() and p.name != ".lock"} == kept
+
+
 def spikes(path, frames=12):
     """CTC logits that emit digit d at frame t for each (t, d), blank elsewhere."""
     from apps.speech.model import BLANK

@@ -241,6 +241,25 @@ def _feature_config(args: argparse.Namespace, layout: str):
     return cfg
 
 
+def _check_resume_features(args: argparse.Namespace, cfg, task: str) -> None:
+    """Refuse to resume a run on other features than it was trained on (the weights
+    would not change shape, so nothing else would notice)."""
+    from common import runs
+
+    config = runs.stored_config(args.run_dir, app=APP, task=task)
+    stored = ((config or {}).get("app_settings") or {}).get("features")
+    if stored is None:
+        return
+    trained = _features_as_trained(stored)
+    changed = [f"{key}: {value!r} -> {cfg.to_dict()[key]!r}" for key, value in trained.items()
+               if cfg.to_dict()[key] != value]
+    if changed:
+        raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained on other "
+                        f"features ({'; '.join(changed)}); repeat the run's feature flags "
+                        "(runs from before --floor-db need --floor-db 80), or choose another "
+                        "--run-dir")
+
+
 def _cache(args: argparse.Namespace, cfg):
     from apps.speech.features import DEFAULT_CACHE_DIR, FeatureCache
 
@@ -322,6 +341,8 @@ def words_train(args: argparse.Namespace) -> int:
 
     clips, layout = data.load_clips(args.data)
     feat_cfg = _feature_config(args, layout)
+    if args.resume:
+        _check_resume_features(args, feat_cfg, "words")
     splits = data.split_clips(clips, test_speakers=args.test_speakers, seed=args.seed)
     cache = _cache(args, feat_cfg)
     feats: dict[str, tuple[list, list]] = {}
@@ -541,6 +562,16 @@ def words_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_as_trained(stored: dict[str, Any]) -> dict[str, Any]:
+    """Stored feature settings with the defaults older runs did not store."""
+    from apps.speech.features import FeatureConfig
+
+    return FeatureConfig.from_dict(stored).to_dict()
+
+
+_CANONICAL = {"features": _features_as_trained}
+
+
 def words_ensemble(args: argparse.Namespace) -> int:
     from apps.speech.model import WordServing
     from common import ensemble
@@ -548,7 +579,8 @@ def words_ensemble(args: argparse.Namespace) -> int:
 
     members = ensemble.load_members(args.members, app=APP, task="words", run_dir=args.run_dir)
     ensemble.check_shared(members, ("labels", "features", "max_frames", "test_speakers"),
-                          "members must be trained on the same data, labels and features")
+                          "members must be trained on the same data, labels and features",
+                          canonical=_CANONICAL)
     settings, feat_cfg = _saved_settings(members[0])
     model = ensemble.average_models([_load_model(m) for m in members],
                                     name="speech_words_ensemble")
@@ -611,6 +643,12 @@ def _utterance_features(utterances, cache, strict: bool, speeds=(), seed: int = 
                 raise
             skips.add(exc)
         bar.update(i + 1)
+    if skips.count:
+        print(f"warning: skipped {skips.count} of {len(utterances)} utterances that could not "
+              "be used (--strict stops at the first)", file=sys.stderr)
+    if utterances and not kept:
+        raise UserError(f"every one of the {len(utterances)} utterances was skipped (the "
+                        "warnings above say why)")
     return out, kept
 
 
@@ -681,6 +719,8 @@ def digits_train(args: argparse.Namespace) -> int:
 
     clips, layout = data.load_clips(args.data)
     feat_cfg = _feature_config(args, layout)
+    if args.resume:
+        _check_resume_features(args, feat_cfg, "digits")
     speakers = sorted({c.speaker for c in clips if c.label in set(DIGITS)})
     test_speakers = tuple(args.test_speakers) or tuple(speakers[-1:])
     if len(set(speakers) - set(test_speakers)) < 1 or not set(test_speakers) & set(speakers):
@@ -812,7 +852,7 @@ def digits_ensemble(args: argparse.Namespace) -> int:
     ensemble.check_shared(
         members, ("features", "test_speakers", "corpus_seed", "test_utterances", "max_digits"),
         "members must be trained on the same data, features, --test-speakers, --corpus-seed, "
-        "--test-utterances and --max-digits")
+        "--test-utterances and --max-digits", canonical=_CANONICAL)
     settings, feat_cfg = _saved_settings(members[0])
     # The members' logits side by side: `model.decode` combines their decodings.
     model = ensemble.stack_models([_load_model(m) for m in members],

@@ -208,7 +208,7 @@ class SkipWarnings:
         if self.count <= self.shown:
             print(f"warning: skipped {exc}", file=sys.stderr)
         elif self.count == self.shown + 1:
-            print(f"warning: more recordings skipped; only the first {self.shown} are named",
+            print(f"warning: more skipped; only the first {self.shown} are named",
                   file=sys.stderr)
 
 
@@ -339,6 +339,9 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
                                 "skipped, see the warnings)")
             continue
         out.append(Utterance(string, speaker, _join(pieces, gaps, sample_rate)))
+    if skips.count:
+        print(f"warning: skipped {skips.count} recording(s) that could not be used "
+              "(--strict stops at the first)", file=sys.stderr)
     return out
 
 
