@@ -250,9 +250,9 @@ def _check_resume_features(args: argparse.Namespace, cfg, task: str) -> None:
     stored = ((config or {}).get("app_settings") or {}).get("features")
     if stored is None:
         return
-    trained = _features_as_trained(stored)
-    changed = [f"{key}: {value!r} -> {cfg.to_dict()[key]!r}" for key, value in trained.items()
-               if cfg.to_dict()[key] != value]
+    trained, given = _features_as_trained(stored), cfg.to_dict()
+    changed = [f"{key}: {value!r} -> {given[key]!r}" for key, value in trained.items()
+               if given[key] != value]
     if changed:
         raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained on other "
                         f"features ({'; '.join(changed)}); repeat the run's feature flags "
@@ -643,9 +643,7 @@ def _utterance_features(utterances, cache, strict: bool, speeds=(), seed: int = 
                 raise
             skips.add(exc)
         bar.update(i + 1)
-    if skips.count:
-        print(f"warning: skipped {skips.count} of {len(utterances)} utterances that could not "
-              "be used (--strict stops at the first)", file=sys.stderr)
+    skips.summary("utterances", len(utterances))
     if utterances and not kept:
         raise UserError(f"every one of the {len(utterances)} utterances was skipped (the "
                         "warnings above say why)")

@@ -193,7 +193,8 @@ def split_clips(clips: Sequence[Clip], *, test_speakers: Sequence[str] = (),
 
 
 class SkipWarnings:
-    """Warns about the first `shown` skipped recordings, then only counts.
+    """Warns about the first `shown` skipped recordings, then only counts; `summary`
+    prints the count.
 
     A setting that rules out every file (e.g. an analysis window longer than
     the clips) would otherwise print one line per file before its error.
@@ -210,6 +211,13 @@ class SkipWarnings:
         elif self.count == self.shown + 1:
             print(f"warning: more skipped; only the first {self.shown} are named",
                   file=sys.stderr)
+
+    def summary(self, what: str, total: int | None = None) -> None:
+        """'skipped N [of TOTAL] WHAT that could not be used', if any was skipped."""
+        if self.count:
+            of = f" of {total}" if total is not None else ""
+            print(f"warning: skipped {self.count}{of} {what} that could not be used "
+                  "(--strict stops at the first)", file=sys.stderr)
 
 
 def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = False,
@@ -239,9 +247,7 @@ def clip_features(clips: Sequence[Clip], cache: FeatureCache, *, strict: bool = 
             skips.add(exc)
         if bar is not None:
             bar.update(i + 1)
-    if skips.count:
-        print(f"warning: skipped {skips.count} of {len(clips)} {what} that could not be used "
-              "(--strict stops at the first)", file=sys.stderr)
+    skips.summary(what, len(clips))
     return features, kept
 
 
@@ -339,9 +345,7 @@ def connected_digits(clips: Sequence[Clip], count: int, *, seed: int, sample_rat
                                 "skipped, see the warnings)")
             continue
         out.append(Utterance(string, speaker, _join(pieces, gaps, sample_rate)))
-    if skips.count:
-        print(f"warning: skipped {skips.count} recording(s) that could not be used "
-              "(--strict stops at the first)", file=sys.stderr)
+    skips.summary("recording(s)")
     return out
 
 
