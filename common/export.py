@@ -19,13 +19,16 @@ audio samples, price windows) to outputs::
 The export is written to a temporary folder, reloaded with
 `tf.saved_model.load` and run on `sample`; only if it reproduces the
 in-process outputs does it replace the previous export. Only a previous
-SavedModel (or an empty folder) is ever replaced, and an export into a run
-directory holds the run's lock, so it cannot race a training run's own export.
+SavedModel (or an empty folder) is ever replaced, and only its own entries:
+files beside them (TF Serving's `assets.extra/` warm-up requests, a model card)
+are kept. An export into a run directory holds the run's lock, so it cannot
+race a training run's own export.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,10 @@ from common.errors import ExportCheckFailed, UserError
 from common.runs import atomic_directory, lock_for_writing
 
 SIGNATURE = "serving_default"
+
+# What `tf.saved_model.save` writes; anything else in an export folder is the user's.
+_SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb",
+                                  "variables", "assets"})
 
 
 class ModelServing(tf.Module):
@@ -114,7 +121,24 @@ def export_saved_model(
             reloaded = tf.saved_model.load(str(tmp)).signatures[SIGNATURE]
             got = reloaded(**_as_kwargs(reloaded, sample))
             _compare(expected, got, rtol=rtol, atol=atol, where=export_dir)
+            _copy_other_entries(export_dir, tmp)
     return export_dir
+
+
+def _copy_other_entries(old: Path, new: Path) -> None:
+    """Copy what the previous export folder holds besides the SavedModel into `new`.
+
+    Copied, not moved: until the swap the old folder must stay whole.
+    """
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in _SAVED_MODEL_ENTRIES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _track_keras_variables(module: tf.Module) -> None:
@@ -144,7 +168,11 @@ def _track_keras_variables(module: tf.Module) -> None:
 def _check_replaceable(export_dir: Path) -> None:
     # The export replaces the whole folder: refuse anything but an old export,
     # so that `--out ~/Documents` cannot wipe a folder of someone's files.
-    if export_dir.is_symlink() or (export_dir.exists() and not export_dir.is_dir()):
+    if export_dir.is_symlink():
+        raise UserError(f"{export_dir}: is a symbolic link (the export would replace the link, "
+                        f"not write where it points); give the real path, "
+                        f"{export_dir.resolve()}")
+    if export_dir.exists() and not export_dir.is_dir():
         raise UserError(f"{export_dir}: exists and is not a folder; choose a new export path")
     if export_dir.is_dir() and any(export_dir.iterdir()) and \
             not (export_dir / "saved_model.pb").is_file():

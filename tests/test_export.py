@@ -116,6 +116,28 @@ def test_failed_self_check_keeps_the_previous_export(tmp_path):
     assert os.listdir(tmp_path) == ["export"]
 
 
+def test_a_new_export_keeps_the_users_files_beside_the_savedmodel(tmp_path):
+    # TF Serving reads warm-up requests from assets.extra/; people keep model
+    # cards next to an export. Replacing the SavedModel must not delete them.
+    model = tiny_task.build_model()
+    x = tiny_task.make_data()[2][0][:3]
+    target = tmp_path / "export" / "1"
+    export_saved_model(ModelServing(model), target, x)
+    (target / "assets.extra").mkdir()
+    (target / "assets.extra" / "tf_serving_warmup_requests").write_bytes(b"warm")
+    (target / "MODEL_CARD.md").write_text("mine")
+    first = (target / "saved_model.pb").stat().st_mtime_ns
+
+    export_saved_model(ModelServing(model), target, x)
+
+    assert (target / "assets.extra" / "tf_serving_warmup_requests").read_bytes() == b"warm"
+    assert (target / "MODEL_CARD.md").read_text() == "mine"
+    assert (target / "saved_model.pb").stat().st_mtime_ns != first  # replaced, not skipped
+    assert sorted(os.listdir(tmp_path / "export")) == ["1"]  # no temporaries left
+    tf.saved_model.load(str(target)).signatures[SIGNATURE](**{
+        "sequence": tf.constant(x)})
+
+
 def test_graph_loaders_find_every_variable(tmp_path):
     # TensorFlow Serving and `saved_model_cli run` load the graph TF1-style and
     # need every variable in the SavedModel's variables (keras-team/keras#19274);

@@ -238,10 +238,15 @@ def test_export_never_replaces_a_folder_that_is_not_an_export(tmp_path, capfd):
     documents.mkdir()
     (documents / "thesis.txt").write_text("years of work")
     (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "exports")
     for out, why in [(documents, "exists and is not a SavedModel (it would be replaced); "
                                  "choose a new or empty folder"),
                      (tmp_path / "notes.txt", "exists and is not a folder; choose a new "
-                                              "export path")]:
+                                              "export path"),
+                     (tmp_path / "latest", "is a symbolic link (the export would replace the "
+                                           "link, not write where it points); give the real "
+                                           f"path, {tmp_path.resolve() / 'exports'}")]:
         capfd.readouterr()
         assert tiny_task.main(["tiny", "export", "--run-dir", str(run_dir),
                                "--out", str(out)]) == 2
@@ -249,4 +254,5 @@ def test_export_never_replaces_a_folder_that_is_not_an_export(tmp_path, capfd):
     assert (documents / "thesis.txt").read_text() == "years of work"
     assert sorted(p.name for p in documents.iterdir()) == ["thesis.txt"]
     assert (tmp_path / "notes.txt").read_text() == "notes"
+    assert (tmp_path / "latest").is_symlink() and not any((tmp_path / "exports").iterdir())
 
