@@ -83,9 +83,14 @@ CHILD = """
 import sys, numpy as np, tensorflow as tf
 serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
 t = np.arange(4000) / 8000.0
-out = serve(waveform=tf.constant((0.3 * np.sin(2 * np.pi * 200 * t))[None], tf.float32))
+tone = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+out = serve(waveform=tf.constant(tone[None]))
+padded = serve(waveform=tf.constant(np.stack([np.pad(tone, (0, 3000)), np.zeros(7000, np.float32)])))
+empty = serve(waveform=tf.zeros([0, 100]))
 assert not any(m.split(".")[0] in ("apps", "common") for m in sys.modules)
-print(repr(out["digits"].numpy()[0].decode()))
+print(repr((out["digits"].numpy()[0].decode(), int(out["frames"][0]),
+            [d.decode() for d in padded["digits"].numpy()], padded["frames"].numpy().tolist(),
+            padded["valid"].numpy().tolist(), empty["digits"].shape[0])))
 """
 
 
@@ -96,6 +101,7 @@ def test_tiny_digits_run(tmp_path, capsys):
                  "--test-utterances", "4", "--max-digits", "2", "--batch-size", "8"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_transcription"]["utterances"] == 4
+    assert list((run_dir / "logs" / "inspection").glob("events.out.tfevents.*"))
     capsys.readouterr()
     assert main(["digits", "evaluate", "--run-dir", str(run_dir), "--cache-dir", str(cache),
                  "--json", "--beam-width", "2"]) == 0
@@ -117,5 +123,9 @@ def test_tiny_digits_run(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-c", CHILD, str(run_dir / "saved_model")],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    served = eval(result.stdout.strip().splitlines()[-1])
-    assert isinstance(served, str) and set(served) <= set("0123456789")
+    digits, frames, batch_digits, batch_frames, batch_valid, empty = eval(
+        result.stdout.strip().splitlines()[-1])
+    assert isinstance(digits, str) and set(digits) <= set("0123456789") and frames > 0
+    # Padding does not change a clip's answer; silence gets none, and says so.
+    assert batch_digits == [digits, ""] and batch_frames == [frames, 0]
+    assert batch_valid == [True, False] and empty == 0

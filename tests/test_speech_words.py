@@ -73,9 +73,19 @@ import numpy as np, soundfile as sf, tensorflow as tf
 serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
 y, rate = sf.read(sys.argv[2], dtype="float32")
 out = serve(waveform=tf.constant(y[None]))
+# A batch: the clip zero-padded, silence, one sample, NaN; and an empty batch.
+batch = np.zeros((4, len(y) + 800), np.float32)
+batch[0, :len(y)], batch[2, 0], batch[3] = y, 0.5, np.nan
+many = serve(waveform=tf.constant(batch))
+empty = serve(waveform=tf.zeros([0, 100]))
 assert not any(m.split(".")[0] in ("apps", "common") for m in sys.modules), "our code loaded"
 print(json.dumps({"label": out["label"].numpy()[0].decode(),
-                  "probabilities": out["probabilities"].numpy()[0].tolist()}))
+                  "probabilities": out["probabilities"].numpy()[0].tolist(),
+                  "valid": out["valid"].numpy().tolist(),
+                  "batch_labels": [b.decode() for b in many["label"].numpy()],
+                  "batch_valid": many["valid"].numpy().tolist(),
+                  "batch_probabilities": many["probabilities"].numpy().tolist(),
+                  "empty": list(empty["probabilities"].shape)}))
 """
 
 
@@ -99,6 +109,15 @@ def test_saved_model_on_raw_waveform_in_fresh_process(run, tmp_path):
     want = load_keras(run_dir / "model.keras", compile=False).predict(x, verbose=0)[0]
     np.testing.assert_allclose(served["probabilities"], want, atol=1e-3)
     assert served["label"] == settings["labels"][int(np.argmax(want))]
+    assert served["valid"] == [True]
+    # In a batch the clip gets the same answer as alone, whatever the padding;
+    # audio `predict` refuses gets no answer, and says so.
+    np.testing.assert_allclose(served["batch_probabilities"][0], served["probabilities"],
+                               atol=1e-5)
+    assert served["batch_labels"] == [served["label"], "", "", ""]
+    assert served["batch_valid"] == [True, False, False, False]
+    assert served["batch_probabilities"][1:] == [[0.0] * len(want)] * 3
+    assert served["empty"] == [0, len(want)]
 
 
 def test_labels_absent_from_the_model(run, tmp_path, capsys):

@@ -704,6 +704,7 @@ def digits_train(args: argparse.Namespace) -> int:
     import keras
 
     from apps.speech import data
+    from apps.speech.features import pad_sequences
     from apps.speech.model import (
         DIGITS,
         DigitServing,
@@ -750,6 +751,7 @@ def digits_train(args: argparse.Namespace) -> int:
                 "augmentation": {"noise": args.noise, "gain": args.gain, **_masking(args),
                                  "speed": list(args.speed)}}
     test_xs, test_us = prepared[2]
+    probe = (prepared[1][0] or prepared[0][0])[:8]  # for the LSTM gate inspection logs
     with runs.open_run(args.run_dir, app=APP, task="digits", resume=args.resume) as run:
         result = training.train(
             run, training.TrainConfig.from_args(args),
@@ -757,7 +759,8 @@ def digits_train(args: argparse.Namespace) -> int:
             datasets[2], loss=ctc_loss, data_source=str(args.data or data.SAMPLES),
             settings=settings,
             serving=lambda m: DigitServing(m, feat_cfg, args.beam_width),
-            serving_sample=_padded_waves([u.waveform for u in test_us]))
+            serving_sample=_padded_waves([u.waveform for u in test_us]),
+            probe_inputs=pad_sequences(probe, max(len(x) for x in probe)))
         predicted = _transcribe(result.model, test_xs, args.batch_size, args.beam_width)
         scores = digit_metrics([u.digits for u in test_us], predicted)
         metrics = read_json(run.metrics)

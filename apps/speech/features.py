@@ -2,10 +2,12 @@
 
 Both paths compute the same thing, step by step:
 
-1. trim leading/trailing silence: frames (window `n_fft`, hop `hop`) whose RMS
-   is more than `trim_db` below the loudest frame are cut (`librosa.effects.trim`);
+1. trim leading/trailing silence: zeros after the last non-zero sample are
+   dropped (in a batch they are the padding of a shorter clip), then frames
+   (window `n_fft`, hop `hop`) whose RMS is more than `trim_db` below the
+   loudest frame are cut (`librosa.effects.trim`);
 2. power spectrogram (periodic Hann window, centred frames, zero padding),
-   Slaney mel filterbank, dB floored `floor_db` (80) below the utterance's
+   Slaney mel filterbank, dB floored `floor_db` below the utterance's
    loudest mel bin, DCT-II (orthonormal): `librosa.feature.mfcc`;
 3. deltas and delta-deltas (Savitzky-Golay, width 9, edge frames repeated:
    `librosa.feature.delta(mode="nearest")`);
@@ -41,6 +43,7 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
     "lstm-suite" / "mfcc"
 _DELTA_WIDTH = 9
 _AMIN = 1e-10
+_FEATURES_VERSION = 2
 
 
 class AudioError(UserError):
@@ -83,9 +86,8 @@ class FeatureConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def key(self) -> str:
-        settings = self.to_dict()
-        if settings["floor_db"] == 80.0:  # caches from before the setting keep their key
-            del settings["floor_db"]
+        # The version changes with the computation (2: trailing zeros dropped).
+        settings = {**self.to_dict(), "version": _FEATURES_VERSION}
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -143,8 +145,12 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig, *, name: str = "waveform") -> np.nda
     if y.size < cfg.n_fft:
         raise AudioError(f"{name}: {y.size} samples, shorter than one analysis window "
                          f"({cfg.n_fft} samples = {cfg.window_ms:g} ms at {cfg.sample_rate} Hz)")
-    if not np.any(y):
+    nonzero = np.flatnonzero(y)
+    if not nonzero.size:
         raise AudioError(f"{name}: silent (every sample is zero)")
+    # The graph cannot tell a clip's trailing zeros from a batch's padding, so
+    # neither path lets the trimmed clip reach past the last non-zero sample.
+    y = y[:nonzero[-1] + 1]
     trimmed, _ = librosa.effects.trim(y, top_db=cfg.trim_db, frame_length=cfg.n_fft,
                                       hop_length=cfg.hop)
     if trimmed.size < cfg.n_fft:
@@ -280,23 +286,33 @@ def graph_constants(cfg: FeatureConfig) -> dict[str, np.ndarray]:
 def tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
     """The graph version of `mfcc` for one waveform (1-D float32 tensor).
 
-    Returns (frames, cfg.dim) features; a clip too short or silent gives a
-    few frames of zeros instead of an error (graphs cannot raise nicely).
+    Returns (frames, cfg.dim) features. Graphs cannot raise nicely, so audio
+    `mfcc` refuses (silent, shorter than one window, NaN/inf) gives a few
+    frames of zeros instead; `tf_batch_features` gives them length 0.
     """
+    return _tf_features(y, cfg, constants)[0]
+
+
+def _tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
+    """(features, usable): `tf_features` and whether `mfcc` would accept the clip."""
     import tensorflow as tf
 
     n_fft, hop = cfg.n_fft, cfg.hop
     y = tf.convert_to_tensor(y, tf.float32)
+    finite = tf.reduce_all(tf.math.is_finite(y))
+    y = tf.where(finite, y, tf.zeros_like(y))
 
-    # 1. trim: RMS of centred frames, in dB relative to the loudest one
+    # 1. trim: RMS of centred frames, in dB relative to the loudest one, and
+    # never past the last non-zero sample (a batch row's padding starts there)
     padded = tf.pad(y, [[n_fft // 2, n_fft // 2]])
     power = tf.reduce_mean(tf.square(tf.signal.frame(padded, n_fft, hop)), axis=-1)
     db = 10.0 * _log10(tf.maximum(power, _AMIN)) - \
         10.0 * _log10(tf.maximum(tf.reduce_max(power), _AMIN))
     loud = tf.cast(tf.where(db > -cfg.trim_db)[:, 0], tf.int32)
-    n = tf.shape(y)[0]
+    n = tf.reduce_max(tf.where(tf.not_equal(y, 0.0), tf.range(1, tf.shape(y)[0] + 1), 0))
     start = tf.cond(tf.size(loud) > 0, lambda: loud[0] * hop, lambda: 0)
     end = tf.cond(tf.size(loud) > 0, lambda: tf.minimum(n, (loud[-1] + 1) * hop), lambda: 0)
+    usable = finite & (end - start >= n_fft)
     y = y[start:end]
     y = tf.pad(y, [[0, tf.maximum(0, n_fft - tf.shape(y)[0])]])  # too short: pad
 
@@ -319,7 +335,7 @@ def tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
 
     # 4. normalise
     mean, var = tf.nn.moments(x, axes=[0], keepdims=True)
-    return (x - mean) / tf.sqrt(var + 1e-6)
+    return (x - mean) / tf.sqrt(var + 1e-6), usable
 
 
 def _log10(x):
@@ -342,12 +358,14 @@ def tf_batch_features(waveforms, cfg: FeatureConfig, constants: dict[str, np.nda
                       max_frames: int | None = None):
     """Features of a batch of waveforms (B, samples), zero-padded to the longest.
 
-    Each row is trimmed on its own, so zero padding at the end of shorter clips
-    is removed like any trailing silence. With `max_frames` the result has
-    exactly that many frames (longer sequences are cut).
+    Each row is trimmed on its own and ends at its last non-zero sample, so a
+    clip gets the same features alone and in a batch, whatever the padding.
+    A row `mfcc` would refuse (silent, shorter than one analysis window,
+    NaN/inf) gets length 0 and all-zero features. With `max_frames` the result
+    has exactly that many frames (longer sequences are cut).
 
     Returns:
-        (features (B, T, dim), lengths (B,)).
+        (features (B, T, dim), lengths (B,)); length 0 = unusable audio.
     """
     import tensorflow as tf
 
@@ -356,12 +374,18 @@ def tf_batch_features(waveforms, cfg: FeatureConfig, constants: dict[str, np.nda
     bound = 1 + tf.maximum(tf.shape(waveforms)[1], cfg.n_fft) // cfg.hop
 
     def one(y):
-        x = tf_features(y, cfg, constants)
-        length = tf.shape(x)[0]
+        x, usable = _tf_features(y, cfg, constants)
+        length = tf.where(usable, tf.shape(x)[0], 0)
+        x = x[:length]
         return tf.pad(x, [[0, bound - length], [0, 0]]), length
 
-    x, lengths = tf.map_fn(one, waveforms, fn_output_signature=(
-        tf.TensorSpec([None, cfg.dim], tf.float32), tf.TensorSpec([], tf.int32)))
+    def every_row():
+        return tf.map_fn(one, waveforms, fn_output_signature=(
+            tf.TensorSpec([None, cfg.dim], tf.float32), tf.TensorSpec([], tf.int32)))
+
+    x, lengths = tf.cond(  # map_fn cannot stack an empty batch
+        tf.shape(waveforms)[0] > 0, every_row,
+        lambda: (tf.zeros([0, bound, cfg.dim]), tf.zeros([0], tf.int32)))
     if max_frames is not None:
         x = tf.pad(x, [[0, 0], [0, tf.maximum(0, max_frames - bound)], [0, 0]])[:, :max_frames]
         x = tf.ensure_shape(x, [None, max_frames, cfg.dim])

@@ -246,10 +246,11 @@ def _waveform_spec():
 
 
 class WordServing(tf.Module):
-    """waveform (batch, samples) at the model's rate -> probabilities, label, probability.
+    """waveform (batch, samples) at the model's rate -> probabilities, label, probability, valid.
 
-    Rows of a batch are zero-padded to the same length; the padding is trimmed
-    as silence.
+    Rows of a batch are zero-padded to the same length; a row ends at its last
+    non-zero sample. A row `predict` would refuse (silent, shorter than one
+    analysis window, NaN/inf) gets valid = False, label "" and probabilities 0.
     """
 
     def __init__(self, model: keras.Model, features: FeatureConfig, labels: Sequence[str]):
@@ -261,17 +262,24 @@ class WordServing(tf.Module):
 
         @tf.function(input_signature=[_waveform_spec()])
         def serve(waveform):
-            x, _ = tf_batch_features(waveform, features, constants, max_frames=frames)
+            x, lengths = tf_batch_features(waveform, features, constants, max_frames=frames)
+            valid = lengths > 0
             probabilities = self.model(x, training=False)
+            probabilities = tf.where(valid[:, None], probabilities, 0.0)
             best = tf.argmax(probabilities, axis=-1)
-            return {"probabilities": probabilities, "label": tf.gather(self.labels, best),
-                    "probability": tf.reduce_max(probabilities, axis=-1)}
+            label = tf.where(valid, tf.gather(self.labels, best), "")
+            return {"probabilities": probabilities, "label": label,
+                    "probability": tf.reduce_max(probabilities, axis=-1), "valid": valid}
 
         self.serve = serve
 
 
 class DigitServing(tf.Module):
-    """waveform (batch, samples) at the model's rate -> digits (string per row)."""
+    """waveform (batch, samples) at the model's rate -> digits (string per row), frames, valid.
+
+    A row `predict` would refuse (silent, shorter than one analysis window,
+    NaN/inf) gets valid = False, digits "" and frames 0.
+    """
 
     def __init__(self, model: keras.Model, features: FeatureConfig, beam_width: int = 8):
         super().__init__()
@@ -281,9 +289,13 @@ class DigitServing(tf.Module):
         @tf.function(input_signature=[_waveform_spec()])
         def serve(waveform):
             x, lengths = tf_batch_features(waveform, features, constants)
+            valid = lengths > 0
             logits = self.model(x, training=False)
-            return {"digits": decode(logits, lengths, beam_width=beam_width),
-                    "frames": lengths}
+            digits = tf.cond(  # the CTC decoders refuse an empty batch
+                tf.size(lengths) > 0,
+                lambda: decode(logits, tf.maximum(lengths, 1), beam_width=beam_width),
+                lambda: tf.zeros([0], tf.string))
+            return {"digits": tf.where(valid, digits, ""), "frames": lengths, "valid": valid}
 
         self.serve = serve
 
