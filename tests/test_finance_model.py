@@ -108,6 +108,34 @@ def test_decode_applies_shrinkage_and_offsets_the_same_in_numpy_and_tf():
                                         settings))
 
 
+@pytest.mark.parametrize("kind", ["price", "level"])
+def test_a_no_change_forecast_scores_as_persistence(kind):
+    # With shrink 0 the point forecast IS persistence; through the float32
+    # copy of the last value it used to land a rounding error above or below
+    # it and score as "up" or "down" (level data: the always-up share).
+    from apps.finance.evaluation import direction
+
+    settings = Settings(window=20, vol_window=5, mode="series", target="temp",
+                        target_kind=kind, features=("level", "change", "volatility"))
+    rng = np.random.default_rng(RNG_SEED)
+    values = 10.0 + np.cumsum(rng.normal(0, 0.7, 400)) / 3 + 0.1  # not float32-exact
+    values = np.abs(values) + 1.0
+    ends = np.arange(settings.window - 1, len(values) - 1)
+    x = values[ends[:, None] + np.arange(-settings.window + 1, 1)][:, :, None]
+    w = windows(x, values[ends + 1], values[ends])
+    assert np.any(w.x[:, -1, 0].astype(np.float64) != w.last)  # float32 rounds them
+
+    class Model:
+        def predict(self, x, batch_size, verbose):
+            n = len(x)
+            return {"point": np.full((n, 1), 0.3), "quantiles": np.tile([-1.0, 0.0, 1.0], (n, 1))}
+
+    scale = {"mean": 0.0, "std": 1.0, "shrink": 0.0, "band_lo": -1.0, "band_hi": 1.0}
+    pred, _ = M.forecast_known(Model(), w, scale, settings)
+    np.testing.assert_array_equal(pred["forecast"], w.last)
+    assert direction(pred["forecast"], w, kind) == direction(w.last, w, kind)
+
+
 def test_volatility_floor_tames_stale_price_windows():
     settings = Settings(window=20, vol_window=5)
     rng = np.random.default_rng(RNG_SEED)
@@ -144,6 +172,38 @@ def test_serving_module_exports_a_model_with_dropout(tmp_path):
     expected = M.decode(M.predict_z(model, rows), rows.astype(np.float64), scale, settings)
     np.testing.assert_allclose(served["forecast"].numpy(), expected[:, 0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(served["q90"].numpy(), expected[:, 3], rtol=1e-4, atol=1e-6)
+
+
+def test_served_rows_of_the_wrong_shape_or_value_fail_with_a_message(tmp_path):
+    # Signatures do not check a request's shape: 31 rows, or Yahoo's six
+    # columns, were read as something else and answered.
+    import tensorflow as tf
+
+    from common.export import export_saved_model
+
+    settings = Settings(window=20, vol_window=5)
+    model = M.build_model(settings, ([0.0] * 4, [1.0] * 4), units=4, dropout=0.0)
+    scale = {"mean": 0.0, "std": 1.0, "shrink": 0.5, "vol_floor": 1e-3, "band_lo": -1.0,
+             "band_hi": 1.0}
+    rows = stock_rows(np.random.default_rng(RNG_SEED), 2, 21).astype(np.float32)
+    export_saved_model(M.ForecastServing(model, settings, scale), tmp_path / "sm",
+                       tf.constant(rows[:, 1:]))
+    serve = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"]
+    assert serve(rows=tf.constant(rows[:, 1:]))["forecast"].shape == (2,)
+    assert serve(rows=tf.zeros([0, 20, 5]))["forecast"].shape == (0,)
+    zero_price, nan, negative_volume = (rows[:, 1:].copy() for _ in range(3))
+    zero_price[1, -1, 3] = 0.0
+    nan[0, 5, 0] = np.nan
+    negative_volume[0, 0, 4] = -1.0
+    for bad, message in [
+            (rows, r"expected shape \[batch, 20, 5\]: the last 20 rows of Open, High, Low, "
+                   r"Close, Volume, oldest first; got\] \[2 21 5\]"),
+            (np.concatenate([rows[:, 1:], rows[:, 1:, :1]], axis=2), r"got\] \[2 20 6\]"),
+            (zero_price, r"a price \(Open, High, Low, Close\) is not positive"),
+            (nan, "NaN or infinite"),
+            (negative_volume, "a Volume is negative")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            serve(rows=tf.constant(bad))
 
 
 def test_walk_forward_band_recovers_80_percent_after_a_regime_shift():

@@ -251,6 +251,9 @@ def forecast_known(model: keras.Model, w, scale: dict, settings: Settings,
     """
     z = predict_z(model, w.x, batch_size)
     rows = w.x.astype(np.float64)
+    # The outcomes are scored against the exact last value; the float32 copy in
+    # the window would put a "no change" forecast a rounding error up or down.
+    rows[:, -1, settings.target_index] = w.last
     pred = _as_dict(decode(z, rows, scale, settings))
     if not band_moves(scale):
         return pred, {}
@@ -428,8 +431,42 @@ def calibrate(z: np.ndarray, val, scale: dict, settings: Settings,
     return {"band_lo": lo, "band_hi": hi, "shrink": shrink, "band_rate": float(band_rate)}
 
 
+def _row_checks(rows, settings: Settings) -> list:
+    """Graph assertions on served rows: what `predict` checks in a CSV.
+
+    Neither `tf.saved_model.load(...).signatures` nor TF Serving checks a
+    request's shape against the signature; without these a window of 31 rows,
+    or a Yahoo row with Adj Close, would be read silently as something else.
+    """
+    names = [c.capitalize() for c in settings.raw_columns]
+    shape = tf.shape(rows)
+    expected = tf.constant([settings.window, len(names)])
+    checks = [tf.debugging.Assert(
+        tf.reduce_all(tf.equal(shape[1:], expected)),
+        [f"rows: expected shape [batch, {settings.window}, {len(names)}]: the last "
+         f"{settings.window} rows of {', '.join(names)}, oldest first; got", shape])]
+    with tf.control_dependencies(checks):  # the value checks need the right shape
+        finite = tf.reduce_all(tf.math.is_finite(rows))
+        checks.append(tf.debugging.Assert(finite, ["rows: a value is NaN or infinite"]))
+        if settings.target_kind in ("return", "price"):
+            prices = [j for j, c in enumerate(settings.raw_columns) if c != "volume"]
+            positive = tf.reduce_all(tf.gather(rows, prices, axis=2) > 0)
+            checks.append(tf.debugging.Assert(positive, [
+                f"rows: a price ({', '.join(names[j] for j in prices)}) is not positive"]))
+        if "volume" in settings.raw_columns:
+            j = settings.raw_columns.index("volume")
+            checks.append(tf.debugging.Assert(tf.reduce_all(rows[:, :, j] >= 0),
+                                              ["rows: a Volume is negative"]))
+    return checks
+
+
 class ForecastServing(tf.Module):
-    """SavedModel: the last `window` raw rows -> forecast and quantiles in units."""
+    """SavedModel: the last `window` raw rows -> forecast and quantiles in units.
+
+    Rows of another shape, NaN/inf, non-positive prices (for returns and
+    prices) or negative volumes fail the call with InvalidArgumentError naming
+    the problem, as `predict` refuses such a CSV.
+    """
 
     def __init__(self, model: keras.Model, settings: Settings, scale: dict):
         super().__init__()
@@ -441,6 +478,8 @@ class ForecastServing(tf.Module):
 
         @tf.function(input_signature=[spec])
         def serve(rows):
+            with tf.control_dependencies(_row_checks(rows, settings)):
+                rows = tf.identity(rows)
             out = model(rows, training=False)
             units = decode(tf.concat([out["point"], out["quantiles"]], axis=1), rows, scale,
                            settings)
