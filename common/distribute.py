@@ -27,6 +27,8 @@ import os
 import keras
 import tensorflow as tf
 
+from common.errors import ClusterConfigError
+
 logger = logging.getLogger("lstm_suite")
 
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -178,28 +180,28 @@ def _read_tf_config() -> dict:
     hint = "see docs/distributed.md"
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
-        raise ValueError(
+        raise ClusterConfigError(
             "Strategy 'multiworker' expects the TF_CONFIG environment variable "
             f"(JSON with 'cluster' and 'task'); it is not set ({hint}).")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise ClusterConfigError(
             f"TF_CONFIG must be JSON; parsing failed at character {error.pos}: "
             f"{error.msg} ({hint}).") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     if not isinstance(cluster, dict):
-        raise ValueError(
+        raise ClusterConfigError(
             "TF_CONFIG expects 'cluster' to map 'worker' (and optionally 'chief') to "
             f"lists of 'host:port' addresses; got {cluster!r} ({hint}).")
     for job, addresses in cluster.items():
         if not isinstance(addresses, list) or not all(
                 isinstance(a, str) and ":" in a for a in addresses):
-            raise ValueError(
+            raise ClusterConfigError(
                 f"TF_CONFIG expects cluster['{job}'] to be a list of 'host:port' "
                 f"strings; got {addresses!r} ({hint}).")
     if not _num_training_tasks(cluster):
-        raise ValueError(
+        raise ClusterConfigError(
             f"TF_CONFIG expects a 'worker' or 'chief' job in 'cluster'; got {cluster!r} "
             f"({hint}).")
     task = config.get("task")
@@ -207,7 +209,7 @@ def _read_tf_config() -> dict:
     index = task.get("index") if isinstance(task, dict) else None
     if task_type not in _TRAINING_TASK_TYPES or task_type not in cluster or not (
             isinstance(index, int) and 0 <= index < len(cluster[task_type])):
-        raise ValueError(
+        raise ClusterConfigError(
             "TF_CONFIG expects 'task' to be {'type': 'worker' or 'chief', 'index': i} "
             f"naming an entry of 'cluster'; got {task!r} ({hint}).")
     return config

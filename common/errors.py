@@ -42,3 +42,7 @@ class ExportCheckFailed(UserError):
     """The reloaded SavedModel did not reproduce the in-process outputs."""
 
     exit_code = 1
+
+
+class ClusterConfigError(UserError, ValueError):
+    """TF_CONFIG is missing or malformed (exit 2; still a ValueError for library callers)."""

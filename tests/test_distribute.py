@@ -23,6 +23,7 @@ from common.distribute import (
     is_chief,
     make_strategy,
 )
+from common.errors import UserError
 from common.lstm import LSTM
 
 TASK = Path(__file__).with_name("multiworker_task.py")
@@ -72,8 +73,9 @@ def test_multiworker_rejects_missing_or_invalid_tf_config(monkeypatch, tf_config
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         make_strategy("multiworker")
+    assert isinstance(error.value, UserError) and error.value.exit_code == 2  # no traceback
 
 
 @pytest.mark.parametrize("cluster, task, chief", [
