@@ -196,6 +196,8 @@ def test_max_pooling_ignores_padding():
     texts = sentiment.as_inputs(["a b", "c a b c c", "a b c a b c"])
     np.testing.assert_allclose(short(texts).numpy(), long(texts).numpy(), rtol=1e-5)
     assert isinstance(short.get_layer("max_over_time"), sentiment.MaskedMaxOverTime)
+    # The second model gets the same LSTM names (the inspection's TensorBoard tags).
+    assert long.get_layer("bilstm_0").forward_layer.name == "forward_lstm_0"
     # The layer itself: padding (zeros, as Bidirectional emits there) never wins,
     # and a text without a real step pools to zeros instead of -inf.
     states = np.array([[[-2.0, 1.0], [-3.0, 4.0], [0.0, 0.0]],

@@ -170,7 +170,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-epoch", type=non_negative_int, default=50,
                        help="batches per epoch (random windows, reshuffled every epoch), so "
                             "validation, checkpoints, samples and --max-minutes act often on "
-                            "big texts; 0 or more than one pass: one pass over the text")
+                            "big texts; 0 or more than one pass: one pass over the text; "
+                            "--stateful always makes one pass")
     train.add_argument("--stateful", action="store_true",
                        help="char-rnn style: the text is cut into --batch-size contiguous "
                             "streams and the LSTM state is carried from batch to batch")
@@ -257,8 +258,9 @@ def make_parser() -> argparse.ArgumentParser:
                             "while --max-len, the dropouts and the optimiser flags apply")
     train.add_argument("--cv", type=at_least_two, default=None, metavar="K",
                        help="K-fold cross-validation instead of one run: trains K models and "
-                            "writes per-fold and mean test metrics to RUN/cv.json and every "
-                            "example's out-of-fold probability to RUN/cv_predictions.csv")
+                            "writes per-fold test metrics and the mean and std of accuracy to "
+                            "RUN/cv.json and every example's out-of-fold probability to "
+                            "RUN/cv_predictions.csv")
     add_members_flag(
         commands["sentiment", "ensemble"],
         "sentiment run directories (not --cv runs) with the same --data, split seed "
@@ -481,6 +483,7 @@ def sentiment_handle(args: argparse.Namespace) -> int:
             cm = metrics["confusion_matrix"]
             auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
             print(f"accuracy {metrics['accuracy']:.4f}  roc_auc {auc}  f1 {metrics['f1']:.4f}  "
+                  f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  "
                   f"({metrics['examples']} examples)")
             print("confusion matrix (rows: true negative/positive, columns: predicted)")
             print(f"  {cm[0][0]:6d} {cm[0][1]:6d}\n  {cm[1][0]:6d} {cm[1][1]:6d}")

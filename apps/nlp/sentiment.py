@@ -101,8 +101,10 @@ def build_model(config: SentimentConfig,
     for i in range(config.layers):
         last = i == config.layers - 1
         sequences = not last or config.pooling == "max"
-        x = keras.layers.Bidirectional(LSTM(config.units, return_sequences=sequences),
-                                       name=f"bilstm_{i}")(x)
+        # Named, so the inspection's TensorBoard tags (forward_lstm_0, ...) do
+        # not depend on how many models the process built before.
+        x = keras.layers.Bidirectional(LSTM(config.units, return_sequences=sequences,
+                                            name=f"lstm_{i}"), name=f"bilstm_{i}")(x)
         if last and config.pooling == "max":
             # Max over time of every state: a word anywhere in the text can decide.
             x = MaskedMaxOverTime(name="max_over_time")(x)
