@@ -201,14 +201,15 @@ def encode(w, scale: dict, settings: Settings) -> np.ndarray:
     return (u - scale["mean"]) / scale["std"]
 
 
-def decode(z, rows, scale: dict, settings: Settings, offsets=None):
+def decode(z, rows, scale: dict, settings: Settings, offsets=None, last=None):
     """[n, 4] z (point, q10, q50, q90) -> units; numpy or tf.
 
     Applies the validation calibration stored in `scale`: the 10-90% band
     (offsets from the median, or the older width factor) and the shrinkage of
     the point forecast's change toward "no change" (persistence). `offsets`,
     a pair of [n] numpy arrays, replaces the stored band offsets per row (the
-    walk-forward band of `track_band`).
+    walk-forward band of `track_band`). `last` (numpy, [n]) replaces the rows'
+    last target value as the point the changes start from.
     """
     if offsets is not None:
         z = offset_band(z, offsets[0][:, None], offsets[1][:, None])
@@ -217,9 +218,9 @@ def decode(z, rows, scale: dict, settings: Settings, offsets=None):
     else:
         z = widen_band(z, float(scale.get("band", 1.0)))
     v = _vol(rows, scale, settings)[:, None]
-    last = rows[:, -1, settings.target_index][:, None]
+    last = rows[:, -1, settings.target_index][:, None] if last is None else last[:, None]
     if not tf.is_tensor(z):
-        last = last.astype(np.float64)
+        last = np.asarray(last, np.float64)
     change = (z * scale["std"] + scale["mean"]) * v
     cat = tf.concat if tf.is_tensor(change) else np.concatenate
     change = cat([change[:, 0:1] * float(scale.get("shrink", 1.0)), change[:, 1:]], axis=1)
@@ -253,15 +254,14 @@ def forecast_known(model: keras.Model, w, scale: dict, settings: Settings,
     rows = w.x.astype(np.float64)
     # The outcomes are scored against the exact last value; the float32 copy in
     # the window would put a "no change" forecast a rounding error up or down.
-    rows[:, -1, settings.target_index] = w.last
-    pred = _as_dict(decode(z, rows, scale, settings))
+    pred = _as_dict(decode(z, rows, scale, settings, last=w.last))
     if not band_moves(scale):
         return pred, {}
     residual = encode(w, scale, settings) - z[:, 2]
     lo, hi, final = track_band(residual, w.ticker, float(scale["band_lo"]),
                                float(scale["band_hi"]), rate=float(scale["band_rate"]),
                                lag=settings.horizon)
-    walked = _as_dict(decode(z, rows, scale, settings, (lo, hi)))
+    walked = _as_dict(decode(z, rows, scale, settings, (lo, hi), last=w.last))
     walked["q10_fixed"], walked["q90_fixed"] = pred["q10"], pred["q90"]
     return walked, final
 
