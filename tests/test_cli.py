@@ -54,6 +54,28 @@ def test_help_explains_every_flag(capsys):
     assert "global norm" in text and "time budget" in text and "--resume" in text
 
 
+@pytest.mark.parametrize("app", ["nlp", "speech", "finance"])
+def test_every_help_page_of_every_app_prints(app, capsys):
+    # argparse formats help text with %: one stray "90%" broke `lstm-finance --help`.
+    import importlib
+
+    main = importlib.import_module(f"apps.{app}.__main__")
+    parser = main.make_parser()
+    parser = parser[0] if isinstance(parser, tuple) else parser
+    commands = [[]]
+    for action in parser._subparsers._group_actions:
+        for task, task_parser in action.choices.items():
+            commands.append([task])
+            for sub in task_parser._subparsers._group_actions:
+                commands += [[task, command] for command in sub.choices]
+    assert len(commands) >= 5
+    for words in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([*words, "--help"])
+        assert exit_info.value.code == 0, words
+        assert "usage:" in capsys.readouterr().out, words
+
+
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     parser, _ = make_parser()
     with pytest.raises(SystemExit) as exit_info:

@@ -55,7 +55,7 @@ def make_parser():
         "Forecast daily time series (stock prices, temperatures) with an LSTM, always side "
         "by side with naive baselines (persistence, historical mean, always-up). Splits "
         "are chronological with a one-window gap; scalers see the training part only.",
-        {TASK: "forecast the value h days ahead, with 10/50/90% quantiles"},
+        {TASK: "forecast the value h days ahead, with 10/50/90%% quantiles"},
         train_defaults={TASK: {"epochs": 20, "batch_size": 64, "patience": 5}})
     train = commands[TASK, "train"]
     train.add_argument("--target", metavar="COLUMN",
