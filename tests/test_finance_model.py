@@ -199,11 +199,24 @@ def test_served_rows_of_the_wrong_shape_or_value_fail_with_a_message(tmp_path):
             (rows, r"expected shape \[batch, 20, 5\]: the last 20 rows of Open, High, Low, "
                    r"Close, Volume, oldest first; got\] \[2 21 5\]"),
             (np.concatenate([rows[:, 1:], rows[:, 1:, :1]], axis=2), r"got\] \[2 20 6\]"),
-            (zero_price, r"a price \(Open, High, Low, Close\) is not positive"),
+            (zero_price, r"a price \(Open, High, Low, Close\) is not positive \(a return "
+                         r"target needs positive values\)"),
             (nan, "NaN or infinite"),
             (negative_volume, "a Volume is negative")]:
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             serve(rows=tf.constant(bad))
+    # A one-column series (here --target volume --target-kind return) has its
+    # own rule: every value positive, as when its CSV is read.
+    settings = Settings(window=20, vol_window=5, mode="series", target="volume",
+                        features=("returns", "volatility"))
+    model = M.build_model(settings, ([0.0] * 2, [1.0] * 2), units=4, dropout=0.0)
+    series = rows[:, 1:, 4:5] / 1e6
+    export_saved_model(M.ForecastServing(model, settings, scale), tmp_path / "series",
+                       tf.constant(series))
+    serve = tf.saved_model.load(str(tmp_path / "series")).signatures["serving_default"]
+    series[0, 3, 0] = 0.0
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a Volume value is not positive"):
+        serve(rows=tf.constant(series))
 
 
 def test_walk_forward_band_recovers_80_percent_after_a_regime_shift():

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from apps.finance.data import BAND_RATE, OHLCV, Settings
+from apps.finance.data import BAND_RATE, OHLCV, PRICE_COLUMNS, Settings
 from common.lstm import LSTM
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -426,7 +426,8 @@ def calibrate(z: np.ndarray, val, scale: dict, settings: Settings,
     walk-forward band that starts from these offsets (`track_band`).
     """
     lo, hi = calibrate_offsets(z, encode(val, scale, settings))
-    raw = decode(z, val.x.astype(np.float64), {**scale, "shrink": 1.0}, settings)
+    raw = decode(z, val.x.astype(np.float64), {**scale, "shrink": 1.0}, settings,
+                 last=val.last)
     shrink = fit_shrinkage(raw[:, 0], val.y, val.last, settings.target_kind)
     return {"band_lo": lo, "band_hi": hi, "shrink": shrink, "band_rate": float(band_rate)}
 
@@ -448,12 +449,16 @@ def _row_checks(rows, settings: Settings) -> list:
     with tf.control_dependencies(checks):  # the value checks need the right shape
         finite = tf.reduce_all(tf.math.is_finite(rows))
         checks.append(tf.debugging.Assert(finite, ["rows: a value is NaN or infinite"]))
-        if settings.target_kind in ("return", "price"):
-            prices = [j for j, c in enumerate(settings.raw_columns) if c != "volume"]
+        if settings.target_kind in ("return", "price"):  # data.load_file's rule
+            prices = [j for j, c in enumerate(settings.raw_columns)
+                      if c in PRICE_COLUMNS or settings.mode == "series"]
             positive = tf.reduce_all(tf.gather(rows, prices, axis=2) > 0)
+            what = (f"a price ({', '.join(names[j] for j in prices)})"
+                    if settings.mode == "ohlcv" else f"a {names[0]} value")
             checks.append(tf.debugging.Assert(positive, [
-                f"rows: a price ({', '.join(names[j] for j in prices)}) is not positive"]))
-        if "volume" in settings.raw_columns:
+                f"rows: {what} is not positive (a {settings.target_kind} target needs "
+                "positive values)"]))
+        if settings.mode == "ohlcv":
             j = settings.raw_columns.index("volume")
             checks.append(tf.debugging.Assert(tf.reduce_all(rows[:, :, j] >= 0),
                                               ["rows: a Volume is negative"]))
