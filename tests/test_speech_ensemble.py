@@ -122,6 +122,29 @@ def test_features_are_compared_as_trained(members, tmp_path, capsys):
             if p.is_file() and p.name != ".lock"} == kept
 
 
+def test_runs_of_an_older_feature_computation(members, tmp_path, capsys):
+    # Runs from before the features version was stored were computed by version 1.
+    root, runs = members
+    old = tmp_path / "old"
+    shutil.copytree(runs[0], old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["app_settings"].pop("features_version") == 2
+    (old / "config.json").write_text(json.dumps(config))
+    kept = {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["words", "train", "--run-dir", str(old), "--resume", "--cache-dir",
+                 str(root / "cache"), "--epochs", "2", "--units", "8", "--layers", "1",
+                 "--batch-size", "16", "--speed", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "older feature computation (version 1, now 2: a clip ends at its last non-zero " \
+           "sample)" in err, err
+    assert {p: p.read_bytes() for p in old.rglob("*")
+            if p.is_file() and p.name != ".lock"} == kept
+    # evaluate still works, and says why its numbers may differ a little
+    assert main(["words", "evaluate", "--run-dir", str(old), "--cache-dir",
+                 str(root / "cache"), "--json"]) == 0
+    assert "trained with feature computation version 1" in capsys.readouterr().err
+
+
 def spikes(path, frames=12):
     """CTC logits that emit digit d at frame t for each (t, d), blank elsewhere."""
     from apps.speech.model import BLANK

@@ -59,6 +59,27 @@ def test_batch_features_match_single_whatever_the_padding():
         np.testing.assert_array_equal(F.mfcc(np.pad(w, (0, 37)), CFG), single)
 
 
+def test_padding_cannot_add_a_trim_frame_when_the_hop_exceeds_half_a_window():
+    # digits' defaults: hop 20 ms > half of the 32 ms window. librosa's last
+    # frame of a clip can stop short of its last samples; a frame of the padded
+    # row that reaches them must not count (it did, and kept a frame more).
+    cfg = F.FeatureConfig(sample_rate=8000, hop_ms=20.0)
+    constants = F.graph_constants(cfg)
+    t = np.arange(3350) / 8000.0
+    y = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    y[3350 - 528:3350 - 22] = 0.0
+    y[3350 - 22:] = 0.5  # a loud step at the very end
+    y[100] = 1e-40  # a denormal: TensorFlow flushes it to zero, so both paths must
+    single = F.mfcc(y, cfg)
+    batch = np.zeros((2, 4000), np.float32)
+    batch[0, :len(y)] = y
+    batch[1, 40:40 + len(y)] = y
+    x, lengths = F.tf_batch_features(batch, cfg, constants)
+    assert int(lengths[0]) == len(single)
+    np.testing.assert_allclose(x[0, :len(single)], single, atol=1e-3)
+    np.testing.assert_allclose(F.tf_features(y, cfg, constants).numpy(), single, atol=1e-3)
+
+
 def test_batch_features_of_unusable_audio_have_length_zero():
     # Everything `mfcc` refuses: silence, less than one window, a loud click
     # that trims to less than one window, NaN; and an empty batch.

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from apps.speech.features import FEATURES_CHANGE, FEATURES_VERSION
 from common.cli import (
     add_members_flag,
     build_parser,
@@ -253,6 +254,12 @@ def _check_resume_features(args: argparse.Namespace, cfg, task: str) -> None:
     trained, given = _features_as_trained(stored), cfg.to_dict()
     changed = [f"{key}: {value!r} -> {given[key]!r}" for key, value in trained.items()
                if given[key] != value]
+    version = config["app_settings"].get("features_version", 1)
+    if version != FEATURES_VERSION:
+        raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained with an older "
+                        f"feature computation (version {version}, now {FEATURES_VERSION}: "
+                        f"{FEATURES_CHANGE}); resuming would change its inputs mid-training, "
+                        "so start a new --run-dir")
     if changed:
         raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained on other "
                         f"features ({'; '.join(changed)}); repeat the run's feature flags "
@@ -285,6 +292,11 @@ def _saved_settings(run) -> tuple[dict[str, Any], Any]:
     from apps.speech.features import FeatureConfig
 
     settings = run.app_settings("features")
+    version = settings.get("features_version", 1)
+    if version != FEATURES_VERSION:
+        print(f"note: {run.root} was trained with feature computation version {version}; "
+              f"this is version {FEATURES_VERSION} ({FEATURES_CHANGE}), so clips that end in "
+              "exact zeros get slightly other features than in training", file=sys.stderr)
     return settings, FeatureConfig.from_dict(settings["features"])
 
 
@@ -400,7 +412,8 @@ def words_train(args: argparse.Namespace) -> int:
     sample = _padded_waves([load_audio(c.name, feat_cfg.sample_rate) if c.audio is None
                             else c.audio for c in test_clips[:2]])
     model_cfg = _model_config(args)
-    settings = {"layout": layout, "features": feat_cfg.to_dict(), "model": vars(model_cfg),
+    settings = {"layout": layout, "features": feat_cfg.to_dict(),
+                "features_version": FEATURES_VERSION, "model": vars(model_cfg),
                 "labels": labels, "max_frames": frames, "test_speakers": list(args.test_speakers),
                 "split_seed": args.seed,
                 "augmentation": {"noise": args.noise, "shift": args.shift, "gain": args.gain,
@@ -744,7 +757,8 @@ def digits_train(args: argparse.Namespace) -> int:
         datasets.append(_bucketed(xs, targets, args.batch_size, shuffle=i == 0, seed=args.seed,
                                   augment=augment if i == 0 else None))
     model_cfg = _model_config(args)
-    settings = {"layout": layout, "features": feat_cfg.to_dict(), "model": vars(model_cfg),
+    settings = {"layout": layout, "features": feat_cfg.to_dict(),
+                "features_version": FEATURES_VERSION, "model": vars(model_cfg),
                 "test_speakers": list(test_speakers), "corpus_seed": args.corpus_seed,
                 "utterances": args.utterances, "test_utterances": args.test_utterances,
                 "max_digits": args.max_digits, "beam_width": args.beam_width,

@@ -43,7 +43,13 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
     "lstm-suite" / "mfcc"
 _DELTA_WIDTH = 9
 _AMIN = 1e-10
-_FEATURES_VERSION = 2
+# The smallest normal float32: TensorFlow flushes smaller (denormal) samples to
+# zero, so both paths count them as zeros.
+_TINY = float(np.finfo(np.float32).tiny)
+# The version of the computation below, stored with every run and in the
+# cache key; FEATURES_CHANGE says what the current version changed.
+FEATURES_VERSION = 2
+FEATURES_CHANGE = "a clip ends at its last non-zero sample"
 
 
 class AudioError(UserError):
@@ -86,8 +92,7 @@ class FeatureConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def key(self) -> str:
-        # The version changes with the computation (2: trailing zeros dropped).
-        settings = {**self.to_dict(), "version": _FEATURES_VERSION}
+        settings = {**self.to_dict(), "version": FEATURES_VERSION}
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -145,7 +150,7 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig, *, name: str = "waveform") -> np.nda
     if y.size < cfg.n_fft:
         raise AudioError(f"{name}: {y.size} samples, shorter than one analysis window "
                          f"({cfg.n_fft} samples = {cfg.window_ms:g} ms at {cfg.sample_rate} Hz)")
-    nonzero = np.flatnonzero(y)
+    nonzero = np.flatnonzero(np.abs(y) >= _TINY)
     if not nonzero.size:
         raise AudioError(f"{name}: silent (every sample is zero)")
     # The graph cannot tell a clip's trailing zeros from a batch's padding, so
@@ -287,8 +292,9 @@ def tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
     """The graph version of `mfcc` for one waveform (1-D float32 tensor).
 
     Returns (frames, cfg.dim) features. Graphs cannot raise nicely, so audio
-    `mfcc` refuses (silent, shorter than one window, NaN/inf) gives a few
-    frames of zeros instead; `tf_batch_features` gives them length 0.
+    `mfcc` refuses (silent, shorter than one window, NaN/inf) still gives a
+    few frames of features that mean nothing; `tf_batch_features` gives such
+    clips length 0 and zeros.
     """
     return _tf_features(y, cfg, constants)[0]
 
@@ -302,14 +308,16 @@ def _tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
     finite = tf.reduce_all(tf.math.is_finite(y))
     y = tf.where(finite, y, tf.zeros_like(y))
 
-    # 1. trim: RMS of centred frames, in dB relative to the loudest one, and
-    # never past the last non-zero sample (a batch row's padding starts there)
+    # 1. trim: RMS of centred frames, in dB relative to the loudest one, over
+    # the clip up to its last non-zero sample (a batch row's padding starts
+    # there): librosa's frames of y[:n] are the first n // hop + 1 of these.
+    n = tf.reduce_max(tf.where(tf.abs(y) >= _TINY, tf.range(1, tf.shape(y)[0] + 1), 0))
     padded = tf.pad(y, [[n_fft // 2, n_fft // 2]])
     power = tf.reduce_mean(tf.square(tf.signal.frame(padded, n_fft, hop)), axis=-1)
+    power = power[:n // hop + 1]
     db = 10.0 * _log10(tf.maximum(power, _AMIN)) - \
         10.0 * _log10(tf.maximum(tf.reduce_max(power), _AMIN))
     loud = tf.cast(tf.where(db > -cfg.trim_db)[:, 0], tf.int32)
-    n = tf.reduce_max(tf.where(tf.not_equal(y, 0.0), tf.range(1, tf.shape(y)[0] + 1), 0))
     start = tf.cond(tf.size(loud) > 0, lambda: loud[0] * hop, lambda: 0)
     end = tf.cond(tf.size(loud) > 0, lambda: tf.minimum(n, (loud[-1] + 1) * hop), lambda: 0)
     usable = finite & (end - start >= n_fft)
