@@ -135,10 +135,14 @@ def _copy_other_entries(old: Path, new: Path) -> None:
     for entry in old.iterdir():
         if entry.name in _SAVED_MODEL_ENTRIES:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, new / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+        except OSError as exc:  # shutil.Error too
+            raise UserError(f"{entry}: could not be kept in the new export ({exc}); the "
+                            "previous export is unchanged") from None
 
 
 def _track_keras_variables(module: tf.Module) -> None:

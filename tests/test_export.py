@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tiny_task
 
-from common.errors import ExportCheckFailed
+from common.errors import ExportCheckFailed, UserError
 from common.export import SIGNATURE, ModelServing, export_saved_model
 from common.runs import open_run
 from common.training import TrainConfig, train
@@ -134,6 +134,14 @@ def test_a_new_export_keeps_the_users_files_beside_the_savedmodel(tmp_path):
     assert (target / "MODEL_CARD.md").read_text() == "mine"
     assert (target / "saved_model.pb").stat().st_mtime_ns != first  # replaced, not skipped
     assert sorted(os.listdir(tmp_path / "export")) == ["1"]  # no temporaries left
+    # A file that cannot be copied stops the export with the old one intact.
+    os.mkfifo(target / "pipe")
+    second = (target / "saved_model.pb").read_bytes()
+    with pytest.raises(UserError, match="pipe: could not be kept in the new export"):
+        export_saved_model(ModelServing(model), target, x)
+    assert (target / "saved_model.pb").read_bytes() == second
+    assert sorted(os.listdir(tmp_path / "export")) == ["1"]
+    (target / "pipe").unlink()
     tf.saved_model.load(str(target)).signatures[SIGNATURE](**{
         "sequence": tf.constant(x)})
 
