@@ -217,6 +217,16 @@ def test_served_rows_of_the_wrong_shape_or_value_fail_with_a_message(tmp_path):
     series[0, 3, 0] = 0.0
     with pytest.raises(tf.errors.InvalidArgumentError, match="a Volume value is not positive"):
         serve(rows=tf.constant(series))
+    # As a level it may be zero, but, as in its CSV, never negative.
+    level = Settings(window=20, vol_window=5, mode="series", target="volume",
+                     target_kind="level", features=("level", "change", "volatility"))
+    model = M.build_model(level, ([0.0] * 3, [1.0] * 3), units=4, dropout=0.0)
+    export_saved_model(M.ForecastServing(model, level, scale), tmp_path / "level",
+                       tf.constant(series))
+    serve = tf.saved_model.load(str(tmp_path / "level")).signatures["serving_default"]
+    series[0, 3, 0] = -5.0
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a Volume is negative"):
+        serve(rows=tf.constant(series))
 
 
 def test_walk_forward_band_recovers_80_percent_after_a_regime_shift():

@@ -80,6 +80,30 @@ def test_padding_cannot_add_a_trim_frame_when_the_hop_exceeds_half_a_window():
     np.testing.assert_allclose(F.tf_features(y, cfg, constants).numpy(), single, atol=1e-3)
 
 
+@pytest.mark.parametrize("rate, window_ms", [(8000, 32.0), (44100, 32.0), (8000, 31.875)])
+def test_an_odd_window_and_a_click_on_the_last_sample(rate, window_ms):
+    # An odd FFT size (32 ms at 44.1 kHz is 1411 samples) has one trim frame
+    # fewer per clip than an even one: a padded row must not gain it; and the
+    # Hann window must be librosa's periodic one at any length.
+    cfg = F.FeatureConfig(sample_rate=rate, hop_ms=20.0, window_ms=window_ms)
+    constants = F.graph_constants(cfg)
+    n = 10 * cfg.hop
+    y = (1e-4 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
+    y[-1] = 1.0
+    batch = np.zeros((2, n + cfg.hop), np.float32)
+    batch[0, :n], batch[1] = y, 0.1
+    try:  # librosa's frames reach the click only for an even FFT size
+        frames = len(F.mfcc(y, cfg))
+    except F.AudioError:  # the click alone is loud: less than a window is left
+        frames = 0
+    assert (frames > 0) == (cfg.n_fft % 2 == 1)
+    assert int(F.tf_batch_features(batch, cfg, constants)[1][0]) == frames
+    assert int(F.tf_batch_features(y[None], cfg, constants)[1][0]) == frames
+    clip = F.load_audio(FILES[0], rate)
+    np.testing.assert_allclose(F.tf_features(clip, cfg, constants).numpy(), F.mfcc(clip, cfg),
+                               atol=1e-3)
+
+
 def test_batch_features_of_unusable_audio_have_length_zero():
     # Everything `mfcc` refuses: silence, less than one window, a loud click
     # that trims to less than one window, NaN; and an empty batch.

@@ -458,7 +458,7 @@ def _row_checks(rows, settings: Settings) -> list:
             checks.append(tf.debugging.Assert(positive, [
                 f"rows: {what} is not positive (a {settings.target_kind} target needs "
                 "positive values)"]))
-        if settings.mode == "ohlcv":
+        if "volume" in settings.raw_columns:  # also a --target volume series
             j = settings.raw_columns.index("volume")
             checks.append(tf.debugging.Assert(tf.reduce_all(rows[:, :, j] >= 0),
                                               ["rows: a Volume is negative"]))

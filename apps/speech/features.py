@@ -150,6 +150,8 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig, *, name: str = "waveform") -> np.nda
     if y.size < cfg.n_fft:
         raise AudioError(f"{name}: {y.size} samples, shorter than one analysis window "
                          f"({cfg.n_fft} samples = {cfg.window_ms:g} ms at {cfg.sample_rate} Hz)")
+    if not np.all(np.isfinite(y)):
+        raise AudioError(f"{name}: contains NaN/inf samples")
     nonzero = np.flatnonzero(np.abs(y) >= _TINY)
     if not nonzero.size:
         raise AudioError(f"{name}: silent (every sample is zero)")
@@ -276,16 +278,19 @@ class FeatureCache:
 
 
 def graph_constants(cfg: FeatureConfig) -> dict[str, np.ndarray]:
-    """Mel matrix and delta filters as arrays, to bake into a graph."""
+    """Analysis window, mel matrix and delta filters as arrays, to bake into a graph."""
     import librosa
-    from scipy.signal import savgol_coeffs
+    from scipy.signal import get_window, savgol_coeffs
 
     mel = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
     # "dot" order: coefficient k multiplies frame t - 4 + k.
     d1 = savgol_coeffs(_DELTA_WIDTH, 1, deriv=1, use="dot")
     d2 = savgol_coeffs(_DELTA_WIDTH, 2, deriv=2, use="dot")
-    return {"mel": mel.T.astype(np.float32), "delta1": d1.astype(np.float32),
-            "delta2": d2.astype(np.float32)}
+    # librosa's periodic Hann window; tf.signal.hann_window(periodic=True) is
+    # symmetric for odd lengths (a 32 ms window at 44.1 kHz is 1411 samples).
+    window = get_window("hann", cfg.n_fft, fftbins=True)
+    return {"window": window.astype(np.float32), "mel": mel.T.astype(np.float32),
+            "delta1": d1.astype(np.float32), "delta2": d2.astype(np.float32)}
 
 
 def tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
@@ -310,11 +315,11 @@ def _tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
 
     # 1. trim: RMS of centred frames, in dB relative to the loudest one, over
     # the clip up to its last non-zero sample (a batch row's padding starts
-    # there): librosa's frames of y[:n] are the first n // hop + 1 of these.
+    # there): librosa's frames of y[:n] are the first of these.
     n = tf.reduce_max(tf.where(tf.abs(y) >= _TINY, tf.range(1, tf.shape(y)[0] + 1), 0))
     padded = tf.pad(y, [[n_fft // 2, n_fft // 2]])
     power = tf.reduce_mean(tf.square(tf.signal.frame(padded, n_fft, hop)), axis=-1)
-    power = power[:n // hop + 1]
+    power = power[:tf.maximum(1, 1 + (n + 2 * (n_fft // 2) - n_fft) // hop)]
     db = 10.0 * _log10(tf.maximum(power, _AMIN)) - \
         10.0 * _log10(tf.maximum(tf.reduce_max(power), _AMIN))
     loud = tf.cast(tf.where(db > -cfg.trim_db)[:, 0], tf.int32)
@@ -327,8 +332,7 @@ def _tf_features(y, cfg: FeatureConfig, constants: dict[str, np.ndarray]):
     # 2. MFCC
     padded = tf.pad(y, [[n_fft // 2, n_fft // 2]])
     stft = tf.signal.stft(padded, frame_length=n_fft, frame_step=hop, fft_length=n_fft,
-                          window_fn=lambda n, dtype: tf.signal.hann_window(n, periodic=True,
-                                                                           dtype=dtype),
+                          window_fn=lambda n, dtype: tf.constant(constants["window"], dtype),
                           pad_end=False)
     mel = tf.matmul(tf.square(tf.abs(stft)), constants["mel"])
     log_mel = 10.0 * _log10(tf.maximum(mel, _AMIN))
