@@ -143,6 +143,10 @@ def test_runs_of_an_older_feature_computation(members, tmp_path, capsys):
     assert main(["words", "evaluate", "--run-dir", str(old), "--cache-dir",
                  str(root / "cache"), "--json"]) == 0
     assert "trained with feature computation version 1" in capsys.readouterr().err
+    # an ensemble does not mix versions
+    assert main(["words", "ensemble", "--run-dir", str(tmp_path / "mixed"), "--members",
+                 str(old), str(runs[1])]) == 2
+    assert "in features_version" in capsys.readouterr().err
 
 
 def spikes(path, frames=12):

@@ -591,7 +591,8 @@ def words_ensemble(args: argparse.Namespace) -> int:
     from common.export import export_saved_model
 
     members = ensemble.load_members(args.members, app=APP, task="words", run_dir=args.run_dir)
-    ensemble.check_shared(members, ("labels", "features", "max_frames", "test_speakers"),
+    ensemble.check_shared(members, ("labels", "features", "features_version", "max_frames",
+                                    "test_speakers"),
                           "members must be trained on the same data, labels and features",
                           canonical=_CANONICAL)
     settings, feat_cfg = _saved_settings(members[0])
@@ -865,7 +866,8 @@ def digits_ensemble(args: argparse.Namespace) -> int:
 
     members = ensemble.load_members(args.members, app=APP, task="digits", run_dir=args.run_dir)
     ensemble.check_shared(
-        members, ("features", "test_speakers", "corpus_seed", "test_utterances", "max_digits"),
+        members, ("features", "features_version", "test_speakers", "corpus_seed",
+                  "test_utterances", "max_digits"),
         "members must be trained on the same data, features, --test-speakers, --corpus-seed, "
         "--test-utterances and --max-digits", canonical=_CANONICAL)
     settings, feat_cfg = _saved_settings(members[0])
