@@ -76,6 +76,15 @@ class Settings:
         return OHLCV if self.mode == "ohlcv" else (self.target,)
 
     @property
+    def positive_columns(self) -> tuple[int, ...]:
+        """Indices of `raw_columns` that must be positive: the prices, or a series
+        forecast as returns or prices (its logs are taken); none for levels."""
+        if self.target_kind not in ("return", "price"):
+            return ()
+        return tuple(j for j, c in enumerate(self.raw_columns)
+                     if c in PRICE_COLUMNS or self.mode == "series")
+
+    @property
     def target_index(self) -> int:
         return OHLCV.index("close") if self.mode == "ohlcv" else 0
 
@@ -237,16 +246,14 @@ def load_file(path: Path, settings: Settings) -> Series:
 
     values, day, lines = _handle_missing(path, values, day, lines, settings, source)
 
-    if settings.target_kind in ("return", "price"):
-        prices = [j for j, c in enumerate(wanted) if c in PRICE_COLUMNS or settings.mode == "series"]
-        for j in prices:
-            bad = np.flatnonzero(~(values[:, j] > 0))
-            if len(bad):
-                i = bad[0]
-                hint = (" (use --target-kind level for series that can be zero or negative)"
-                        if settings.mode == "series" else "")
-                raise UserError(f"{path}: line {lines[i]}, column '{source[wanted[j]]}': price "
-                                f"{values[i, j]:g} is not positive{hint}")
+    for j in settings.positive_columns:
+        bad = np.flatnonzero(~(values[:, j] > 0))
+        if len(bad):
+            i = bad[0]
+            hint = (" (use --target-kind level for series that can be zero or negative)"
+                    if settings.mode == "series" else "")
+            raise UserError(f"{path}: line {lines[i]}, column '{source[wanted[j]]}': price "
+                            f"{values[i, j]:g} is not positive{hint}")
     if "volume" in wanted:
         j = wanted.index("volume")
         bad = np.flatnonzero(values[:, j] < 0)

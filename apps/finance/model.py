@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from apps.finance.data import BAND_RATE, OHLCV, PRICE_COLUMNS, Settings
+from apps.finance.data import BAND_RATE, OHLCV, Settings
 from common.lstm import LSTM
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -449,9 +449,8 @@ def _row_checks(rows, settings: Settings) -> list:
     with tf.control_dependencies(checks):  # the value checks need the right shape
         finite = tf.reduce_all(tf.math.is_finite(rows))
         checks.append(tf.debugging.Assert(finite, ["rows: a value is NaN or infinite"]))
-        if settings.target_kind in ("return", "price"):  # data.load_file's rule
-            prices = [j for j, c in enumerate(settings.raw_columns)
-                      if c in PRICE_COLUMNS or settings.mode == "series"]
+        prices = list(settings.positive_columns)  # as data.load_file checks a CSV
+        if prices:
             positive = tf.reduce_all(tf.gather(rows, prices, axis=2) > 0)
             what = (f"a price ({', '.join(names[j] for j in prices)})"
                     if settings.mode == "ohlcv" else f"a {names[0]} value")
