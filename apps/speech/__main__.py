@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apps.speech.features import FEATURES_CHANGE, FEATURES_VERSION
 from common.cli import (
     add_members_flag,
     build_parser,
@@ -245,21 +244,22 @@ def _feature_config(args: argparse.Namespace, layout: str):
 def _check_resume_features(args: argparse.Namespace, cfg, task: str) -> None:
     """Refuse to resume a run on other features than it was trained on (the weights
     would not change shape, so nothing else would notice)."""
+    from apps.speech.features import FEATURES_CHANGE, FEATURES_VERSION
     from common import runs
 
     config = runs.stored_config(args.run_dir, app=APP, task=task)
     stored = ((config or {}).get("app_settings") or {}).get("features")
     if stored is None:
         return
-    trained, given = _features_as_trained(stored), cfg.to_dict()
-    changed = [f"{key}: {value!r} -> {given[key]!r}" for key, value in trained.items()
-               if given[key] != value]
-    version = config["app_settings"].get("features_version", 1)
+    version = _features_version(config["app_settings"])
     if version != FEATURES_VERSION:
         raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained with an older "
                         f"feature computation (version {version}, now {FEATURES_VERSION}: "
                         f"{FEATURES_CHANGE}); resuming would change its inputs mid-training, "
                         "so start a new --run-dir")
+    trained, given = _features_as_trained(stored), cfg.to_dict()
+    changed = [f"{key}: {value!r} -> {given[key]!r}" for key, value in trained.items()
+               if given[key] != value]
     if changed:
         raise UserError(f"--resume: {Path(args.run_dir).absolute()} was trained on other "
                         f"features ({'; '.join(changed)}); repeat the run's feature flags "
@@ -288,11 +288,16 @@ def _model_config(args: argparse.Namespace):
                        bidirectional=not args.unidirectional, dropout=args.dropout)
 
 
+def _features_version(settings: dict[str, Any]) -> int:
+    """The feature computation a run's app_settings come from (runs before it was stored: 1)."""
+    return settings.get("features_version", 1)
+
+
 def _saved_settings(run) -> tuple[dict[str, Any], Any]:
-    from apps.speech.features import FeatureConfig
+    from apps.speech.features import FEATURES_CHANGE, FEATURES_VERSION, FeatureConfig
 
     settings = run.app_settings("features")
-    version = settings.get("features_version", 1)
+    version = _features_version(settings)
     if version != FEATURES_VERSION:
         print(f"note: {run.root} was trained with feature computation version {version}; "
               f"this is version {FEATURES_VERSION} ({FEATURES_CHANGE}), so clips that end in "
@@ -347,7 +352,7 @@ def words_train(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     from apps.speech import data
-    from apps.speech.features import load_audio, pad_sequences
+    from apps.speech.features import FEATURES_VERSION, load_audio, pad_sequences
     from apps.speech.model import WordServing, build_word_model
     from common import runs, training
 
@@ -718,7 +723,7 @@ def digits_train(args: argparse.Namespace) -> int:
     import keras
 
     from apps.speech import data
-    from apps.speech.features import pad_sequences
+    from apps.speech.features import FEATURES_VERSION, pad_sequences
     from apps.speech.model import (
         DIGITS,
         DigitServing,
