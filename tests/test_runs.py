@@ -213,6 +213,22 @@ def test_an_export_into_a_run_respects_its_lock(tmp_path):
         assert not (tmp_path / ".lock").exists()
 
 
+def test_an_export_outside_a_run_repairs_only_dead_writers_leftovers(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    live = os.getppid()  # pytest's parent: alive while the test runs
+    # A writer killed between the two renames: no export, the old one aside.
+    (tmp_path / f"export.old-{dead}").mkdir()
+    (tmp_path / f"export.old-{dead}" / "saved_model.pb").write_text("old")
+    (tmp_path / f"export.tmp-{dead}").mkdir()
+    (tmp_path / f"export.tmp-{live}").mkdir()  # someone exporting right now
+    (tmp_path / f"export2.tmp-{dead}").mkdir()  # another export's business
+    with lock_for_writing(tmp_path / "export"):
+        assert sorted(os.listdir(tmp_path)) == ["export", f"export.tmp-{live}",
+                                                f"export2.tmp-{dead}"]
+        assert (tmp_path / "export" / "saved_model.pb").read_text() == "old"
+
+
 def test_load_run_errors_name_the_run_dir(tmp_path):
     with pytest.raises(UserError, match="no such run directory"):
         load_run(tmp_path / "missing", app="a", task="b")
