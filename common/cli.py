@@ -74,11 +74,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows "(default: X)" for flags with a meaningful default (not None/False)."""
+    """Shows "(default: X)" for flags with a meaningful default (not None, False or
+    empty) whose help text does not already say what the default is."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+        default = action.default
+        meaningful = default not in (None, False, argparse.SUPPRESS) and \
+            not (isinstance(default, (tuple, list, str)) and not default)
+        if meaningful and action.option_strings and "default:" not in text:
             text += " (default: %(default)s)"
         return text
 

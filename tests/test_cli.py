@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,11 @@ def test_every_help_page_of_every_app_prints(app, capsys):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([*words, "--help"])
         assert exit_info.value.code == 0, words
-        assert "usage:" in capsys.readouterr().out, words
+        text = capsys.readouterr().out
+        assert "usage:" in text, words
+        # One default per flag: a help text that names its own is not given a second.
+        for entry in re.split(r"\n  (?=-)", text):
+            assert entry.count("default:") <= 1 and "(default: ())" not in entry, (words, entry)
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
