@@ -142,6 +142,24 @@ def test_sampling_controls(run_dir):
     assert sample(1.5, seed=1) != sample(1.5, seed=2)
 
 
+def test_generation_under_mixed_precision():
+    # The cells then compute and return their states in bfloat16; the
+    # generation loop must carry them as such (it used to fail on the dtype).
+    from common.distribute import configure_mixed_precision
+
+    configure_mixed_precision("mixed_bfloat16")
+    try:
+        model = textgen.build_model(textgen.TextgenConfig(vocabulary=tuple("abc \n"), units=8,
+                                                          layers=2, embedding_dim=4))
+    finally:
+        configure_mixed_precision("off")
+    assert model.get_layer("lstm_0").compute_dtype == "bfloat16"
+    generator = textgen.Generator(model)
+    out = generator.serve(tf.constant("ab"), tf.constant(5), tf.constant(0.0),
+                          tf.constant(0, tf.int64))
+    assert len(out["generated"].numpy().decode()) == 5
+
+
 def test_saved_model_runs_without_project_code(run_dir):
     code = textwrap.dedent(f"""
         import json, sys

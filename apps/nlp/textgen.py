@@ -148,7 +148,9 @@ class Generator(tf.Module):
             # single step needs neither the time loop nor an XLA compile.
             x, (h, c) = layer.cell(x, [h, c], training=False)
             new_states.append((h, c))
-        return self.dense(x), new_states
+        # float32 whatever the compute dtype (--mixed-precision): the loop's
+        # logits keep one dtype.
+        return tf.cast(self.dense(x), tf.float32), new_states
 
     def _pick(self, logits, temperature, top_k, top_p, seed, step):
         logits = tf.cast(logits[0], tf.float32)
@@ -175,8 +177,10 @@ class Generator(tf.Module):
         chars = tf.strings.unicode_split(prime, "UTF-8")
         ids = tf.cast(self.lookup(chars), tf.int32)
         ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
-        states = [(tf.zeros([1, layer.units]), tf.zeros([1, layer.units]))
-                  for layer in self.lstms]
+        # The cells compute (and return their states) in the layers' compute
+        # dtype: bfloat16 or float16 under --mixed-precision.
+        states = [(tf.zeros([1, layer.units], layer.compute_dtype),
+                   tf.zeros([1, layer.units], layer.compute_dtype)) for layer in self.lstms]
         logits = tf.zeros([1, self.vocab_size])
 
         def read_prime(i, logits, states):
