@@ -195,6 +195,10 @@ def add_train_flags(parser: argparse.ArgumentParser, *,
     parser.add_argument("--mixed-precision", choices=PRECISIONS, default=d["mixed_precision"],
                         help="compute dtype policy: off (float32), mixed_float16 (GPU), "
                              "mixed_bfloat16 (TPU/recent CPUs)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bit-for-bit repeatable training for a given --seed on the same "
+                             "machine and software (TensorFlow's op determinism; random "
+                             "augmentation is then drawn in order)")
     add_debug_flag(parser)
 
 
@@ -341,11 +345,13 @@ def run_main(
     args = parser.parse_args(argv)
     if getattr(args, "debug", False):
         _start_multiworker(args)
-        return handler(args) or 0
+        with _determinism(args):
+            return handler(args) or 0
     try:
         with filtered_stderr(STARTUP_NOISE):
             _start_multiworker(args)
-            return handler(args) or 0
+            with _determinism(args):
+                return handler(args) or 0
     except Exception as exc:  # noqa: BLE001  (the point: no raw tracebacks)
         message, code = describe_error(exc)
     except KeyboardInterrupt as exc:
@@ -363,6 +369,15 @@ def _start_multiworker(args: argparse.Namespace) -> None:
         from common.distribute import make_strategy
 
         make_strategy("multiworker")
+
+
+def _determinism(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    # For the whole command: the apps build their tf.data pipelines before training.
+    if not getattr(args, "deterministic", False):
+        return contextlib.nullcontext()
+    from common.distribute import op_determinism
+
+    return op_determinism()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Pick a `tf.distribute` strategy and a mixed-precision policy by name.
+"""Pick a `tf.distribute` strategy and a mixed-precision policy by name; op determinism.
 
 The command-line apps expose ``--strategy`` and ``--mixed-precision``; this
 module turns those names into TensorFlow objects:
@@ -19,10 +19,12 @@ XLA-compiled loop and hand-written gradient run once per replica.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -118,6 +120,34 @@ def configure_mixed_precision(policy: str) -> None:
             f"Unknown mixed-precision policy {policy!r}; expected one of "
             f"{', '.join(MIXED_PRECISION_POLICIES)}.")
     keras.mixed_precision.set_global_policy("float32" if policy == "off" else policy)
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool = True) -> Iterator[None]:
+    """Run the block with TensorFlow's op determinism on, then restore the setting.
+
+    With it, the same seed on the same machine and software gives bit-for-bit
+    the same training (`tf.config.experimental.enable_op_determinism`):
+    `tf.data` maps with random augmentation then take their elements in order,
+    and ops without a deterministic kernel raise instead of running. Without
+    it, CPU training differs from run to run in the order in which parallel
+    `tf.data` workers draw random numbers.
+
+    Args:
+        enabled: False makes this a no-op (for a flag that is off).
+    """
+    if not enabled:
+        yield
+        return
+    from tensorflow.python.framework import config as tf_config
+
+    was_enabled = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            tf_config.disable_op_determinism()
 
 
 def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:

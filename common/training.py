@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "default"  # "mirrored", "multiworker"
     mixed_precision: str = "off"  # "mixed_float16", "mixed_bfloat16"
+    deterministic: bool = False  # TensorFlow's op determinism (set by the CLI for the command)
 
     @property
     def cosine_over_time_budget(self) -> bool:

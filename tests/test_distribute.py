@@ -105,6 +105,22 @@ def test_mixed_precision_set_and_reset():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+def test_op_determinism_is_set_for_the_block_and_restored():
+    from tensorflow.python.framework import config as tf_config
+
+    from common.distribute import op_determinism
+
+    assert not tf_config.is_op_determinism_enabled()
+    with op_determinism():
+        assert tf_config.is_op_determinism_enabled()
+        with op_determinism():  # nested: the outer block keeps it
+            pass
+        assert tf_config.is_op_determinism_enabled()
+    assert not tf_config.is_op_determinism_enabled()
+    with op_determinism(False):
+        assert not tf_config.is_op_determinism_enabled()
+
+
 def test_unknown_mixed_precision_policy():
     with pytest.raises(ValueError, match="off, mixed_float16, mixed_bfloat16"):
         configure_mixed_precision("float16")

@@ -39,6 +39,26 @@ def test_run_directory(run):
     assert list(cache.rglob("*.npz"))  # the MFCC cache was filled
 
 
+def test_deterministic_training_repeats_bit_for_bit(run, tmp_path):
+    # Without --deterministic the two models differ (the parallel augmentation
+    # map draws its random numbers in a varying order): checked when written.
+    from tensorflow.python.framework import config as tf_config
+
+    from common.runs import load_keras
+
+    _, cache = run
+    weights = []
+    for name in ("first", "second"):
+        assert main(["words", "train", "--run-dir", str(tmp_path / name), "--cache-dir",
+                     str(cache), "--epochs", "2", "--units", "8", "--layers", "1",
+                     "--batch-size", "16", "--seed", "3", "--deterministic"]) == 0
+        weights.append(load_keras(tmp_path / name / "model.keras").get_weights())
+        assert not tf_config.is_op_determinism_enabled()  # only for the command
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+    training = json.loads((tmp_path / "first" / "config.json").read_text())["training"]
+    assert training["deterministic"] is True
+
+
 def test_evaluate_json(run, capsys):
     run_dir, cache = run
     assert main(["words", "evaluate", "--run-dir", str(run_dir), "--cache-dir", str(cache),

@@ -694,7 +694,10 @@ def _bucketed(features, targets, batch_size: int, *, shuffle: bool, seed: int, a
     batches = sum(-(-int(n) // batch_size) for n in np.bincount(buckets) if n)
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     if augment is not None:
-        ds = ds.map(lambda x, y: (tf.map_fn(lambda e: augment(e, 0)[0], x), y))
+        # One example after another: parallel iterations would draw their random
+        # numbers in a varying order, and --deterministic could not hold.
+        ds = ds.map(lambda x, y: (tf.map_fn(lambda e: augment(e, 0)[0], x,
+                                            parallel_iterations=1), y))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
