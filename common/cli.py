@@ -198,7 +198,8 @@ def add_train_flags(parser: argparse.ArgumentParser, *,
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-for-bit repeatable training for a given --seed on the same "
                              "machine and software (TensorFlow's op determinism; random "
-                             "augmentation is then drawn in order)")
+                             "augmentation is then drawn in order), unless --max-minutes, "
+                             "which follows the clock, stops the run or drives the schedule")
     add_debug_flag(parser)
 
 

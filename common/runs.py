@@ -281,32 +281,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_leftovers_of_dead_writers(path: Path) -> None:
-    """`_remove_leftovers` for `path` outside any run directory, where there is no lock.
-
-    Only the leftovers of processes that no longer exist are touched: the PID
-    in ``NAME.tmp-PID`` or ``NAME.old-PID`` names a live writer otherwise.
-    """
-    folder = path.parent
-    if not folder.is_dir():
-        return
-    for entry in sorted(folder.iterdir()):
-        for mark in (_TMP_MARK, _OLD_MARK):
-            pid = entry.name.removeprefix(path.name + mark)
-            if pid != entry.name and pid.isdigit() and not _process_exists(int(pid)):
-                _clean_up(entry)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _remove_leftovers(folder: Path, name: str = "") -> None:
     """Clean up after writers killed in `folder` (only those of `name`, if given).
 
@@ -327,7 +301,8 @@ def _remove_leftovers(folder: Path, name: str = "") -> None:
 def _clean_up(entry: Path) -> None:
     """Put back an ``.old-`` whose original is missing; delete any other leftover."""
     if _OLD_MARK in entry.name:
-        original = entry.with_name(entry.name.split(_OLD_MARK)[0])
+        # The last mark is ours: NAME itself may contain ".old-".
+        original = entry.with_name(entry.name.rsplit(_OLD_MARK, 1)[0])
         if not original.exists() and not original.is_symlink():
             os.replace(entry, original)
             return
@@ -612,13 +587,12 @@ def lock_for_writing(path: str | os.PathLike) -> Iterator[None]:
     with `RunDirBusy`, since its own export would race ours. Leftovers of a
     killed writer of `path` are cleaned up first. Inside `open_run` (this
     process already holds the lock), and for a `path` outside any run
-    directory, nothing is locked; outside, only the leftovers of processes that
-    no longer exist are cleaned up, since a live one may be writing them.
+    directory, nothing is locked and nothing is cleaned up: there, a name like
+    ``NAME.old-123`` may as well be the user's own folder.
     """
     path = Path(path).absolute()
     run = RunDir(path.parent)
     if not run.config.is_file():
-        _remove_leftovers_of_dead_writers(path)
         yield
         return
     lock = RunLock(run.lock)

@@ -149,8 +149,16 @@ def evaluate(model: keras.Model, data: Any, batch_size: int = 32) -> dict[str, f
     return {name: float(value) for name, value in results.items()}
 
 
-def _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch):
-    from common.distribute import configure_mixed_precision  # imported lazily
+def build_and_compile(config: TrainConfig, build_model: Callable[[], keras.Model], loss: Any,
+                      metrics: Any, steps_per_epoch: int,
+                      strategy: tf.distribute.Strategy | None = None) -> keras.Model:
+    """`build_model()` under `config`'s precision policy and strategy, compiled with
+    `make_optimizer`: what `train` does before fitting, for loops of their own
+    (sentiment's --cv). `strategy` defaults to `make_strategy(config.strategy)`."""
+    from common.distribute import configure_mixed_precision, make_strategy  # imported lazily
+
+    if strategy is None:
+        strategy = make_strategy(config.strategy)
 
     # Always set: "off" puts back float32 if an earlier run in this process
     # changed Keras's global policy.
@@ -223,7 +231,7 @@ def train(
     if val_ds is None and monitor.startswith("val_"):
         monitor = monitor[len("val_"):]
 
-    model = _build_and_compile(config, strategy, build_model, loss, metrics, steps_per_epoch)
+    model = build_and_compile(config, build_model, loss, metrics, steps_per_epoch, strategy)
     if resuming:  # checked before config.json is rewritten
         _check_resume_model(run, model, settings)
     _write_config(run, config, model, data_source, settings, monitor, steps_per_epoch)

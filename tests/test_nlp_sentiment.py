@@ -155,6 +155,26 @@ def test_cross_validation_on_polarity_files(tmp_path):
     assert [r[3] for r in other] != [r[3] for r in rows]
 
 
+def test_cross_validation_takes_the_precision_policy_and_refuses_a_time_budget(tmp_path,
+                                                                                 capsys):
+    folder = write_polarity(tmp_path / "rt")
+    flags = ["sentiment", "train", "--data", str(folder), "--cv", "2", "--epochs", "1",
+             "--units", "4", "--embedding-dim", "4", "--max-len", "8", "--batch-size", "16"]
+    assert main([*flags, "--run-dir", str(tmp_path / "budget"), "--max-minutes", "5"]) == 2
+    assert "--cv trains K models and has no time budget" in capsys.readouterr().err
+    assert not (tmp_path / "budget").exists()
+    import keras
+
+    try:
+        assert main([*flags, "--run-dir", str(tmp_path / "bf16"),
+                     "--mixed-precision", "mixed_bfloat16"]) == 0
+        # The folds' models were built under the policy (it used to be ignored).
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert json.loads((tmp_path / "bf16" / "cv.json").read_text())["folds"] == 2
+
+
 def test_classification_metrics():
     labels = np.array([1, 1, 0, 0, 1])
     probs = np.array([0.9, 0.4, 0.2, 0.6, 0.8])

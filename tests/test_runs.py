@@ -213,20 +213,23 @@ def test_an_export_into_a_run_respects_its_lock(tmp_path):
         assert not (tmp_path / ".lock").exists()
 
 
-def test_an_export_outside_a_run_repairs_only_dead_writers_leftovers(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    live = os.getppid()  # pytest's parent: alive while the test runs
-    # A writer killed between the two renames: no export, the old one aside.
-    (tmp_path / f"export.old-{dead}").mkdir()
-    (tmp_path / f"export.old-{dead}" / "saved_model.pb").write_text("old")
-    (tmp_path / f"export.tmp-{dead}").mkdir()
-    (tmp_path / f"export.tmp-{live}").mkdir()  # someone exporting right now
-    (tmp_path / f"export2.tmp-{dead}").mkdir()  # another export's business
-    with lock_for_writing(tmp_path / "export"):
-        assert sorted(os.listdir(tmp_path)) == ["export", f"export.tmp-{live}",
-                                                f"export2.tmp-{dead}"]
-        assert (tmp_path / "export" / "saved_model.pb").read_text() == "old"
+def test_leftovers_are_matched_by_their_own_name(tmp_path):
+    root = tmp_path / "run"
+    with open_run(root, app="a", task="b"):
+        pass
+    # An export named with ".old-" killed between its renames, and a sibling
+    # export whose name starts with ours.
+    (root / "model.old-v2.old-999").mkdir()
+    (root / "model.old-v2.old-999" / "saved_model.pb").write_text("old")
+    (root / "model.old-v2x.tmp-999").mkdir()
+    with lock_for_writing(root / "model.old-v2"):
+        assert (root / "model.old-v2" / "saved_model.pb").read_text() == "old"
+        assert (root / "model.old-v2x.tmp-999").is_dir()  # another export's business
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "export.old-20250101").mkdir()  # the user's own backup, say
+    with lock_for_writing(outside / "export"):
+        assert os.listdir(outside) == ["export.old-20250101"]
 
 
 def test_load_run_errors_name_the_run_dir(tmp_path):

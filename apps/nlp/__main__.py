@@ -14,6 +14,7 @@ touches an existing run.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -727,6 +728,12 @@ def sentiment_cv(args: argparse.Namespace) -> int:
 
     if nlp_data.tfds_name(args.data):
         raise UserError("--cv: use a local file (TFDS datasets come with their own test split)")
+    # Each fold trains to --epochs/--patience in this one process.
+    if args.max_minutes is not None:
+        raise UserError("--cv trains K models and has no time budget; drop --max-minutes "
+                        "(--epochs and --patience bound each fold)")
+    if args.strategy == "multiworker":
+        raise UserError("--cv runs in one process; use --strategy default or mirrored")
     source = resolve_model_shape(args)
     full = nlp_data.load_labelled(args.data, text_col=args.text_col, label_col=args.label_col,
                                   encoding=args.encoding, positive_label=args.positive_label)
@@ -757,12 +764,14 @@ def sentiment_cv(args: argparse.Namespace) -> int:
             training.set_seed(args.seed + k)
             keras.backend.clear_session()
             model_config = _sentiment_config(args, train.texts, pretrained)
-            model = _build_sentiment_model(model_config, vectors, pretrained, args.seed + k)
             train_ds = training.as_dataset(
                 (sentiment.as_inputs(train.texts), train.labels.astype("float32")),
                 args.batch_size, shuffle=True, seed=args.seed + k)
-            model.compile(optimizer=training.make_optimizer(config, training.count_steps(
-                train_ds)), loss="binary_crossentropy", metrics=["accuracy"])
+            # --mixed-precision and --strategy as in a single run.
+            model = training.build_and_compile(
+                config, functools.partial(_build_sentiment_model, model_config, vectors,
+                                          pretrained, args.seed + k),
+                "binary_crossentropy", ["accuracy"], training.count_steps(train_ds))
             model.fit(train_ds, epochs=args.epochs, verbose=2,
                       validation_data=training.as_dataset(
                           (sentiment.as_inputs(val.texts), val.labels.astype("float32")),
