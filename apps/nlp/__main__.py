@@ -772,7 +772,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                 config, functools.partial(_build_sentiment_model, model_config, vectors,
                                           pretrained, args.seed + k),
                 "binary_crossentropy", ["accuracy"], training.count_steps(train_ds))
-            model.fit(train_ds, epochs=args.epochs, verbose=2,
+            model.fit(train_ds, epochs=args.epochs, verbose=2, shuffle=False,  # shuffled
                       validation_data=training.as_dataset(
                           (sentiment.as_inputs(val.texts), val.labels.astype("float32")),
                           args.batch_size),
