@@ -155,8 +155,8 @@ def test_cross_validation_on_polarity_files(tmp_path):
     assert [r[3] for r in other] != [r[3] for r in rows]
 
 
-def test_cross_validation_takes_the_precision_policy_and_refuses_a_time_budget(tmp_path,
-                                                                                 capsys):
+def test_cross_validation_flags(tmp_path, capsys):
+    # --mixed-precision applies to every fold; a time budget and --resume are refused.
     folder = write_polarity(tmp_path / "rt")
     flags = ["sentiment", "train", "--data", str(folder), "--cv", "2", "--epochs", "1",
              "--units", "4", "--embedding-dim", "4", "--max-len", "8", "--batch-size", "16"]
@@ -172,7 +172,11 @@ def test_cross_validation_takes_the_precision_policy_and_refuses_a_time_budget(t
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert json.loads((tmp_path / "bf16" / "cv.json").read_text())["folds"] == 2
+    cv = (tmp_path / "bf16" / "cv.json").read_text()
+    assert json.loads(cv)["folds"] == 2
+    assert main([*flags, "--run-dir", str(tmp_path / "bf16"), "--resume"]) == 2
+    assert "--cv runs cannot be resumed" in capsys.readouterr().err
+    assert (tmp_path / "bf16" / "cv.json").read_text() == cv  # kept as it was
 
 
 def test_classification_metrics():

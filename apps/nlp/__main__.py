@@ -734,6 +734,10 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                         "(--epochs and --patience bound each fold)")
     if args.strategy == "multiworker":
         raise UserError("--cv runs in one process; use --strategy default or mirrored")
+    if args.resume:
+        # It would train every fold again and replace the run's cv.json.
+        raise UserError("--cv runs cannot be resumed (no fold's model is kept); start a new "
+                        "--run-dir")
     source = resolve_model_shape(args)
     full = nlp_data.load_labelled(args.data, text_col=args.text_col, label_col=args.label_col,
                                   encoding=args.encoding, positive_label=args.positive_label)
