@@ -475,12 +475,13 @@ def _discard_unstarted(run: RunDir) -> None:
     Nothing in it can be resumed, and leaving its config.json would make the
     corrected command fail with "already holds a run". Only `open_run`'s own
     config.json, logs/ and checkpoints/ go, and only while no result exists
-    (no checkpoint, and no metrics.json, model.keras or cv.json: a
-    cross-validation or ensemble run writes those without checkpoints); the
+    (no checkpoint, and no metrics.json, model.keras, cv.json or
+    cv_progress.json: a cross-validation or ensemble run writes those without
+    checkpoints); the
     lock file stays, as `RunLock` requires, and anything else in the folder
     is left alone.
     """
-    results = ("metrics.json", "model.keras", "cv.json")
+    results = ("metrics.json", "model.keras", "cv.json", "cv_progress.json")
     if any(run.checkpoints.rglob("*")) or any((run.root / n).exists() for n in results):
         return
     shutil.rmtree(run.logs, ignore_errors=True)

@@ -172,11 +172,48 @@ def test_cross_validation_flags(tmp_path, capsys):
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    cv = (tmp_path / "bf16" / "cv.json").read_text()
-    assert json.loads(cv)["folds"] == 2
-    assert main([*flags, "--run-dir", str(tmp_path / "bf16"), "--resume"]) == 2
-    assert "--cv runs cannot be resumed" in capsys.readouterr().err
-    assert (tmp_path / "bf16" / "cv.json").read_text() == cv  # kept as it was
+    assert json.loads((tmp_path / "bf16" / "cv.json").read_text())["folds"] == 2
+
+
+def test_cross_validation_resumes_after_its_last_finished_fold(tmp_path, capsys, monkeypatch):
+    from apps.nlp import sentiment
+
+    folder = write_polarity(tmp_path / "rt")
+    run = tmp_path / "cv"
+    flags = ["sentiment", "train", "--run-dir", str(run), "--data", str(folder), "--cv", "2",
+             "--epochs", "1", "--units", "4", "--embedding-dim", "4", "--max-len", "8",
+             "--batch-size", "16"]
+    predict, calls = sentiment.predict_texts, []
+
+    def killed_in_fold_2(model, texts):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return predict(model, texts)
+
+    monkeypatch.setattr(sentiment, "predict_texts", killed_in_fold_2)
+    assert main(flags) == 130
+    monkeypatch.setattr(sentiment, "predict_texts", predict)
+    first = json.loads((run / "cv_progress.json").read_text())["folds"]
+    assert len(first) == 1 and not (run / "cv.json").exists()
+    capsys.readouterr()
+    assert main(flags) == 2  # the run is kept: no silent restart
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*flags, "--resume", "--units", "5"]) == 2
+    assert "--units: 4 -> 5" in capsys.readouterr().err
+    assert main([*flags, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1/2: accuracy" in out and "(done before --resume)" in out
+    assert out.count("/step - ") == 1  # only fold 2 was trained (one epoch)
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["per_fold"][0] == first[0]["metrics"] and len(cv["per_fold"]) == 2
+    rows = (run / "cv_predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 40 and sum(row.split(",")[1] == "1" for row in rows) == 20
+    # A finished run from before cv_progress.json: resuming would train it all again.
+    (run / "cv_progress.json").unlink()
+    assert main([*flags, "--resume"]) == 2
+    assert "holds no cv_progress.json" in capsys.readouterr().err
+    assert json.loads((run / "cv.json").read_text()) == cv
 
 
 def test_classification_metrics():

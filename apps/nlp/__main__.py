@@ -734,10 +734,6 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                         "(--epochs and --patience bound each fold)")
     if args.strategy == "multiworker":
         raise UserError("--cv runs in one process; use --strategy default or mirrored")
-    if args.resume:
-        # It would train every fold again and replace the run's cv.json.
-        raise UserError("--cv runs cannot be resumed (no fold's model is kept); start a new "
-                        "--run-dir")
     source = resolve_model_shape(args)
     full = nlp_data.load_labelled(args.data, text_col=args.text_col, label_col=args.label_col,
                                   encoding=args.encoding, positive_label=args.positive_label)
@@ -756,10 +752,24 @@ def sentiment_cv(args: argparse.Namespace) -> int:
     from common import runs, training
 
     config = training.TrainConfig.from_args(args)
-    results = []
-    predictions = []  # (index in the data, fold, label, probability): each example once
+    settings = {k: v for k, v in vars(args).items()
+                if isinstance(v, (int, float, str, bool, type(None)))}
+    # What a --resume must find unchanged: every setting but how the command was
+    # invoked, and the data itself.
+    fixed = {"settings": {k: v for k, v in settings.items()
+                          if k not in ("resume", "debug", "run_dir", "data")},
+             "data_digest": _data_digest(full.texts, full.labels)}
     with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
+        progress = run.root / "cv_progress.json"
+        done = _cv_folds_done(run, fixed) if args.resume else []
+        results = [fold["metrics"] for fold in done]
+        # (index in the data, fold, label, probability): each example once
+        predictions = [tuple(row) for fold in done for row in fold["predictions"]]
         for k, test_idx in enumerate(parts):
+            if k < len(done):
+                print(f"fold {k + 1}/{args.cv}: accuracy {results[k]['accuracy']:.4f} "
+                      "(done before --resume)", flush=True)
+                continue
             rest = np.setdiff1d(np.arange(len(full)), test_idx)
             # 10% of the training folds pick the best epoch; the test fold stays unseen.
             rest = np.random.default_rng(split_seed + k).permutation(rest)
@@ -784,16 +794,19 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                           patience=args.patience or args.epochs, restore_best_weights=True)])
             probs = sentiment.predict_texts(model, test.texts)
             fold = sentiment.classification_metrics(test.labels, probs)
+            rows = list(zip(test_idx.tolist(), [k + 1] * len(test), test.labels.tolist(),
+                            probs.tolist(), strict=True))
             results.append(fold)
-            predictions += zip(test_idx.tolist(), [k + 1] * len(test), test.labels.tolist(),
-                               probs.tolist(), strict=True)
+            predictions += rows
+            # After every fold, so that a killed run resumes with the next one.
+            done.append({"metrics": fold, "predictions": rows})
+            runs.write_json(progress, {**fixed, "folds": done})
             print(f"fold {k + 1}/{args.cv}: accuracy {fold['accuracy']:.4f}", flush=True)
         acc = np.array([r["accuracy"] for r in results])
         summary = {"folds": args.cv, "split_seed": split_seed, "accuracy_mean": float(acc.mean()),
                    "accuracy_std": float(acc.std()), "per_fold": results,
                    "data": args.data or str(nlp_data.SENTIMENT_SAMPLE),
-                   "settings": {k: v for k, v in vars(args).items()
-                                if isinstance(v, (int, float, str, bool, type(None)))}}
+                   "settings": settings}
         runs.write_json(run.root / "cv.json", summary)
         rows = "".join(f"{i},{k},{y},{p:.6f}\n" for i, k, y, p in sorted(predictions))
         runs.atomic_write_text(run.root / "cv_predictions.csv",
@@ -802,6 +815,41 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                                              if k != "per_fold"}})
     print(f"{args.cv}-fold accuracy {acc.mean():.4f} +- {acc.std():.4f}")
     return 0
+
+
+def _data_digest(texts, labels) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for text, label in zip(texts, labels, strict=True):
+        digest.update(f"{int(label)}\t{len(text)}\t{text}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cv_folds_done(run, fixed: dict) -> list[dict]:
+    """The folds a killed (or finished) --cv run completed, if it ran as this one would."""
+    from common.runs import read_json
+
+    progress = run.root / "cv_progress.json"
+    if not progress.exists():
+        if any(p.exists() for p in (run.root / "cv.json", run.model, run.last_checkpoint)):
+            # A single run, or a --cv run from before per-fold progress was kept:
+            # resuming would train every fold again over its results.
+            raise UserError(f"--resume --cv: {run.root} holds no cv_progress.json to "
+                            "continue from; start a new --run-dir")
+        return []
+    stored = read_json(progress)
+    if stored.get("data_digest") != fixed["data_digest"]:
+        raise UserError(f"--resume: {progress} was made from other data (texts or labels "
+                        "differ); start a new --run-dir")
+    old = stored.get("settings", {})
+    changed = [f"--{key.replace('_', '-')}: {old.get(key)!r} -> {value!r}"
+               for key, value in fixed["settings"].items() if old.get(key) != value]
+    if changed:
+        raise UserError(f"--resume: the folds in {progress.parent} were trained with other "
+                        f"settings ({'; '.join(changed)}); resume with the same flags or start "
+                        "a new --run-dir")
+    return list(stored.get("folds", []))
 
 
 # -- entry -------------------------------------------------------------------------
