@@ -794,12 +794,12 @@ def sentiment_cv(args: argparse.Namespace) -> int:
                           patience=args.patience or args.epochs, restore_best_weights=True)])
             probs = sentiment.predict_texts(model, test.texts)
             fold = sentiment.classification_metrics(test.labels, probs)
-            rows = list(zip(test_idx.tolist(), [k + 1] * len(test), test.labels.tolist(),
-                            probs.tolist(), strict=True))
+            fold_rows = list(zip(test_idx.tolist(), [k + 1] * len(test), test.labels.tolist(),
+                                 probs.tolist(), strict=True))
             results.append(fold)
-            predictions += rows
+            predictions += fold_rows
             # After every fold, so that a killed run resumes with the next one.
-            done.append({"metrics": fold, "predictions": rows})
+            done.append({"metrics": fold, "predictions": fold_rows})
             runs.write_json(progress, {**fixed, "folds": done})
             print(f"fold {k + 1}/{args.cv}: accuracy {fold['accuracy']:.4f}", flush=True)
         acc = np.array([r["accuracy"] for r in results])
