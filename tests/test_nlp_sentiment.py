@@ -201,6 +201,14 @@ def test_cross_validation_resumes_after_its_last_finished_fold(tmp_path, capsys,
     assert "pass --resume" in capsys.readouterr().err
     assert main([*flags, "--resume", "--units", "5"]) == 2
     assert "--units: 4 -> 5" in capsys.readouterr().err
+    assert flags[6:8] == ["--cv", "2"]
+    assert main([*flags[:6], *flags[8:], "--resume"]) == 2  # without --cv
+    assert "this is a --cv run" in capsys.readouterr().err
+    other = write_polarity(tmp_path / "other")
+    neg = other / "rt-polarity.neg"
+    neg.write_bytes(neg.read_bytes().replace(b"tedious", b"tiresome", 1))
+    assert main([*flags[:5], str(other), *flags[6:], "--resume"]) == 2
+    assert "--data (texts or labels) differs" in capsys.readouterr().err
     assert main([*flags, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "fold 1/2: accuracy" in out and "(done before --resume)" in out
@@ -212,8 +220,13 @@ def test_cross_validation_resumes_after_its_last_finished_fold(tmp_path, capsys,
     # A finished run from before cv_progress.json: resuming would train it all again.
     (run / "cv_progress.json").unlink()
     assert main([*flags, "--resume"]) == 2
-    assert "holds no cv_progress.json" in capsys.readouterr().err
+    assert "(no cv_progress.json)" in capsys.readouterr().err
     assert json.loads((run / "cv.json").read_text()) == cv
+    # ... nor is a single run (trained without --cv) continued as a --cv run.
+    single = [*flags[:3], str(tmp_path / "single"), *flags[4:6], *flags[8:]]
+    assert main(single) == 0
+    assert main([*single, "--cv", "2", "--resume"]) == 2
+    assert "a run trained without --cv" in capsys.readouterr().err
 
 
 def test_classification_metrics():

@@ -659,6 +659,10 @@ def sentiment_train(args: argparse.Namespace) -> int:
     if args.resume:
         from common import runs
 
+        for name in ("cv_progress.json", "cv.json"):
+            if (Path(args.run_dir) / name).exists():
+                raise UserError(f"--resume: {Path(args.run_dir) / name}: this is a --cv run; "
+                                "resume it with the same --cv flags")
         runs.check_resume_settings(args.run_dir, {
             "split_seed": split_seed,
             **{key: getattr(args, key)
@@ -753,12 +757,19 @@ def sentiment_cv(args: argparse.Namespace) -> int:
 
     config = training.TrainConfig.from_args(args)
     settings = {k: v for k, v in vars(args).items()
-                if isinstance(v, (int, float, str, bool, type(None)))}
-    # What a --resume must find unchanged: every setting but how the command was
-    # invoked, and the data itself.
-    fixed = {"settings": {k: v for k, v in settings.items()
-                          if k not in ("resume", "debug", "run_dir", "data")},
-             "data_digest": _data_digest(full.texts, full.labels)}
+                if isinstance(v, (int, float, str, bool, type(None)))
+                and k not in ("resume", "debug")}
+    # What a --resume must find unchanged: the settings that shape the folds'
+    # models, and the contents of every input (the data, word vectors, source run).
+    # Not compared: where and how the command runs, and how the data was read
+    # (the digest of the texts and labels covers that).
+    not_compared = ("run_dir", "data", "text_col", "label_col", "encoding", "positive_label",
+                    "strategy", "deterministic", "split_seed", "embeddings", "init_from")
+    fixed = {"settings": {k: v for k, v in settings.items() if k not in not_compared},
+             "split_seed": split_seed,
+             "data_digest": _digest_of_texts(full.texts, full.labels),
+             "embeddings_digest": _file_digest(args.embeddings),
+             "init_from_digest": _file_digest(source and source.model)}
     with runs.open_run(args.run_dir, app=APP, task="sentiment", resume=args.resume) as run:
         progress = run.root / "cv_progress.json"
         done = _cv_folds_done(run, fixed) if args.resume else []
@@ -817,7 +828,7 @@ def sentiment_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_digest(texts, labels) -> str:
+def _digest_of_texts(texts, labels) -> str:
     import hashlib
 
     digest = hashlib.sha1()
@@ -826,22 +837,41 @@ def _data_digest(texts, labels) -> str:
     return digest.hexdigest()[:16]
 
 
+def _file_digest(path) -> str | None:
+    if path is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _cv_folds_done(run, fixed: dict) -> list[dict]:
     """The folds a killed (or finished) --cv run completed, if it ran as this one would."""
     from common.runs import read_json
 
     progress = run.root / "cv_progress.json"
+    single_run = "training" in read_json(run.config) or any(
+        p.exists() for p in (run.model, run.last_checkpoint))
+    if single_run or (not progress.exists() and (run.root / "cv.json").exists()):
+        # A single run, or a --cv run from before per-fold progress was kept:
+        # resuming would train every fold over what it holds.
+        raise UserError(f"--resume --cv: {run.root} holds no --cv run to continue "
+                        f"({'a run trained without --cv' if single_run else 'no cv_progress.json'}"
+                        "); start a new --run-dir")
     if not progress.exists():
-        if any(p.exists() for p in (run.root / "cv.json", run.model, run.last_checkpoint)):
-            # A single run, or a --cv run from before per-fold progress was kept:
-            # resuming would train every fold again over its results.
-            raise UserError(f"--resume --cv: {run.root} holds no cv_progress.json to "
-                            "continue from; start a new --run-dir")
         return []
     stored = read_json(progress)
-    if stored.get("data_digest") != fixed["data_digest"]:
-        raise UserError(f"--resume: {progress} was made from other data (texts or labels "
-                        "differ); start a new --run-dir")
+    for key, what in (("data_digest", "--data (texts or labels)"),
+                      ("embeddings_digest", "the --embeddings file"),
+                      ("init_from_digest", "the --init-from run's model.keras"),
+                      ("split_seed", "the split seed (--split-seed, or --seed without it)")):
+        if stored.get(key) != fixed[key]:
+            raise UserError(f"--resume: {what} differs from what the folds in {run.root} were "
+                            "trained with; resume with the same inputs or start a new --run-dir")
     old = stored.get("settings", {})
     changed = [f"--{key.replace('_', '-')}: {old.get(key)!r} -> {value!r}"
                for key, value in fixed["settings"].items() if old.get(key) != value]
