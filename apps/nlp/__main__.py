@@ -842,11 +842,8 @@ def _file_digest(path) -> str | None:
         return None
     import hashlib
 
-    digest = hashlib.sha1()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha1").hexdigest()[:16]
 
 
 def _cv_folds_done(run, fixed: dict) -> list[dict]:
