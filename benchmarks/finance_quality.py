@@ -89,11 +89,15 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=1.5,
                         help="time budget per model")
     parser.add_argument("--skip-weather", action="store_true")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed (default: the app's); the table then goes to "
+                             "results/finance_quality_seedN.{txt,json}, beside the main one")
     args = parser.parse_args()
 
     tickers = args.tickers or sorted(p.name.split(".")[0] for p in STOCKS.glob("*.txt"))
     common = ["--epochs", str(args.epochs), "--patience", "3", "--max-minutes",
-              str(args.max_minutes), "--batch-size", "128"]
+              str(args.max_minutes), "--batch-size", "128",
+              *(["--seed", str(args.seed)] if args.seed is not None else [])]
     stock_flags = [*common, "--window", "40", "--vol-window", "10", "--units", "32"]
     weather_flags = [*common, "--target", "Temp", "--target-kind", "level", "--window", "40",
                      "--vol-window", "10", "--units", "32"]
@@ -119,12 +123,13 @@ def main() -> int:
         "w = weight of the model's forecast change, fitted on validation (0 = persistence);",
         "ok = stocks: MASE <= 1 and |cov - 0.80| <= 0.03; temperature: MAE <= 0.9 x persistence",
         HEADER, *[r["summary"] for r in rows]])
+    name = "finance_quality" if args.seed is None else f"finance_quality_seed{args.seed}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finance_quality.txt").write_text(text + "\n")
-    (RESULTS / "finance_quality.json").write_text(json.dumps(
+    (RESULTS / f"{name}.txt").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {"stock_flags": stock_flags, "weather_flags": weather_flags, "rows": rows},
         indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS / 'finance_quality.json'}")
+    print(f"wrote {RESULTS / (name + '.json')}")
     return 0
 
 
