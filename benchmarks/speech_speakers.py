@@ -14,7 +14,7 @@ script builds; `words evaluate --json` scores it. If accuracy rises with k at
 a fixed amount of data, the number of training speakers is what limits it.
 
 Prints a table (every subset, then the mean per k) and writes
-benchmarks/results/speech_speakers.{txt,json}.
+benchmarks/results/speech_speakers_SPEAKER.{txt,json}.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> int:
               f"{r['minutes']:7.1f}" for r in rows]
     lines += [f"{k:>2} {'mean of ' + str(sum(r['k'] == k for r in rows)) + ' runs':32} "
               f"{'':>4} {mean:8.3f}" for k, mean in by_k.items()]
-    write("speech_speakers", "\n".join(lines),
+    write(f"speech_speakers_{args.test_speaker}", "\n".join(lines),
           {"test_speaker": args.test_speaker, "seeds": seeds,
            "clips_per_digit": CLIPS_PER_DIGIT, "rows": rows,
            "mean_by_k": {str(k): v for k, v in by_k.items()}})
