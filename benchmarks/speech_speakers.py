@@ -29,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
 from speech_ensemble import write  # noqa: E402  (sibling scripts)
 from speech_quality import DATA, SPEAKERS, cli  # noqa: E402
 

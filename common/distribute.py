@@ -123,7 +123,7 @@ def configure_mixed_precision(policy: str) -> None:
 
 
 @contextlib.contextmanager
-def op_determinism(enabled: bool = True) -> Iterator[None]:
+def op_determinism() -> Iterator[None]:
     """Run the block with TensorFlow's op determinism on, then restore the setting.
 
     With it, the same seed on the same machine and software gives bit-for-bit
@@ -132,13 +132,7 @@ def op_determinism(enabled: bool = True) -> Iterator[None]:
     and ops without a deterministic kernel raise instead of running. Without
     it, CPU training differs from run to run in the order in which parallel
     `tf.data` workers draw random numbers.
-
-    Args:
-        enabled: False makes this a no-op (for a flag that is off).
     """
-    if not enabled:
-        yield
-        return
     from tensorflow.python.framework import config as tf_config
 
     was_enabled = tf_config.is_op_determinism_enabled()

@@ -117,8 +117,6 @@ def test_op_determinism_is_set_for_the_block_and_restored():
             pass
         assert tf_config.is_op_determinism_enabled()
     assert not tf_config.is_op_determinism_enabled()
-    with op_determinism(False):
-        assert not tf_config.is_op_determinism_enabled()
 
 
 def test_unknown_mixed_precision_policy():
